@@ -1,0 +1,3 @@
+from trd_lightning.cli import main
+
+main()

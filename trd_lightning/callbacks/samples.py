@@ -1,0 +1,40 @@
+"""Rollouts as text in TensorBoard."""
+
+from __future__ import annotations
+
+import html
+
+import lightning as L
+
+
+class RolloutSamples(L.Callback):
+    """Every ``every_n_steps`` optimizer steps, log a few rollouts (prompt and response) as text.
+
+    Args:
+        every_n_steps: how often, in optimizer steps.
+        num_samples: rollouts shown each time.
+    """
+
+    def __init__(self, every_n_steps: int = 20, num_samples: int = 2) -> None:
+        if every_n_steps < 1 or num_samples < 1:
+            raise ValueError("RolloutSamples needs every_n_steps >= 1 and num_samples >= 1.")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if (step - 1) % self.every_n_steps or "response_ids" not in batch:
+            return
+        tokenizer = trainer.datamodule.tokenizer
+        repeats = len(batch["response_ids"]) // len(batch["problem"])
+        blocks = []
+        for i in range(min(self.num_samples, len(batch["response_ids"]))):
+            response = tokenizer.decode(batch["response_ids"][i][batch["response_mask"][i].bool()], skip_special_tokens=True)
+            j = i // repeats
+            blocks.append(
+                f"**problem** (answer: {batch['answer'][j]})\n<pre>{html.escape(batch['problem'][j])}</pre>\n\n"
+                f"**rollout**\n<pre>{html.escape(response)}</pre>"
+            )
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_text"):
+                logger.experiment.add_text("samples/rollout", "\n\n---\n\n".join(blocks), global_step=step)

@@ -1,0 +1,1 @@
+"""Data: prompt sources, templates, the on-policy DataModule and the demo world."""

@@ -1,0 +1,292 @@
+"""OnPolicyDataModule: prompts in, on-policy distillation batches out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from trd_lightning.data import prompts
+from trd_lightning.data.sources import check_columns, load_rows
+from trd_lightning.hf import load_tokenizer
+from trd_lightning.rollout.assemble import concat_left_padded, pad_left
+from trd_lightning.rollout.generation import SamplingConfig, sample
+from trd_lightning.verify import is_correct
+
+
+class ResumableSampler(DistributedSampler):
+    """A distributed sampler that can start its next epoch part-way through, where a checkpoint left it."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip :]
+        self.skip = 0
+        return iter(indices)
+
+
+class OnPolicyDataModule(L.LightningDataModule):
+    """Prompt datasets for on-policy distillation, and the per-step rollout that turns prompts into a batch.
+
+    Each training batch holds the prompts of one optimizer step. ``produce`` (called from the module's
+    ``on_train_batch_start``) samples the student's responses and writes the student and teacher sequences
+    into the batch: identical response ids on both sides, the teacher's context being the prompt (OPD) or
+    the prompt with the reference solution (OPSD).
+
+    Args:
+        tokenizer: name or path of the student's tokenizer (linked to ``model.student`` by the CLI).
+        train_data: ``trd-demo``, a local json/jsonl/parquet/csv file or saved dataset folder, or a hub name.
+        train_split: the split to train on.
+        val_data: the dataset to validate on; defaults to ``train_data``.
+        val_split: the split to validate on; None turns validation off.
+        subset: the hub dataset's configuration name, when it has several.
+        problem_column: the column holding the problem text.
+        solution_column: the column holding the reference solution (needed for ``teacher_context: privileged``).
+        answer_column: the column holding the final answer, for accuracy; None when there is none.
+        teacher_context: ``prompt`` (OPD: the teacher sees what the student sees) or ``privileged`` (OPSD: the
+            teacher also sees the reference solution).
+        student_template: the student's prompt, with a ``{problem}`` slot.
+        privileged_template: the privileged teacher prompt, with ``{problem}`` and ``{solution}`` slots.
+        use_chat_template: wrap prompts as a user turn when the tokenizer has a chat template.
+        chat_template_kwargs: extra arguments to ``apply_chat_template`` (e.g. ``{enable_thinking: false}``).
+        batch_size: prompts per optimizer step on each device.
+        num_generations: rollouts sampled per prompt.
+        max_prompt_length: the longest student prompt in tokens; longer problems are dropped (never cut).
+        max_teacher_prompt_length: the longest teacher prompt; the reference solution's tail is cut to fit.
+        max_new_tokens: the longest rollout.
+        temperature: rollout sampling temperature.
+        top_p: rollout nucleus sampling mass.
+        top_k: rollout top-k sampling (0 turns it off).
+        val_batch_size: prompts per validation batch.
+        val_samples: responses sampled per validation prompt.
+        val_temperature: validation sampling temperature (0 is greedy).
+        max_val_prompts: use at most this many validation prompts.
+        seed: seed of the data order and of the rollouts (each step's rollout is seeded from it and the step).
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "trd-demo/student",
+        train_data: str = "trd-demo",
+        train_split: str = "train",
+        val_data: str | None = None,
+        val_split: str | None = "validation",
+        subset: str | None = None,
+        problem_column: str = "problem",
+        solution_column: str | None = "solution",
+        answer_column: str | None = "answer",
+        teacher_context: Literal["prompt", "privileged"] = "prompt",
+        student_template: str = prompts.STUDENT_TEMPLATE,
+        privileged_template: str = prompts.PRIVILEGED_TEMPLATE,
+        use_chat_template: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        batch_size: int = 8,
+        num_generations: int = 1,
+        max_prompt_length: int = 512,
+        max_teacher_prompt_length: int = 1024,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        val_batch_size: int = 32,
+        val_samples: int = 1,
+        val_temperature: float = 0.0,
+        max_val_prompts: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name in ("batch_size", "num_generations", "max_prompt_length", "max_teacher_prompt_length", "val_batch_size", "val_samples"):
+            if getattr(self.hparams, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {getattr(self.hparams, name)}.")
+        if teacher_context == "privileged" and solution_column is None:
+            raise ValueError(
+                "teacher_context: privileged (OPSD) shows the teacher the reference solution, but solution_column "
+                "is None: set data.solution_column to the dataset's reference-solution column."
+            )
+        prompts.check_template(student_template, {"problem"}, "student")
+        if teacher_context == "privileged":
+            prompts.check_template(privileged_template, {"problem", "solution"}, "privileged")
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
+        self.val_sampling = SamplingConfig(max_new_tokens, val_temperature, top_p, top_k)
+        self.tokenizer = None
+        self.train_rows: list[dict] | None = None
+        self.val_rows: list[dict] | None = None
+        self.longest_prompt = 0
+        self._epoch, self._consumed, self._skip = 0, 0, 0
+
+    # ------------------------------------------------------------------ data
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        if stage == "fit" and self.train_rows is None:
+            self.train_rows = self._prepare(self.hparams.train_data, self.hparams.train_split)
+        if stage in ("fit", "validate") and self.val_rows is None and self.hparams.val_split is not None:
+            rows = self._prepare(self.hparams.val_data or self.hparams.train_data, self.hparams.val_split)
+            self.val_rows = rows[: self.hparams.max_val_prompts]
+
+    def _prepare(self, source: str, split: str) -> list[dict]:
+        """Load, check and tokenize one split; rows whose problem alone is too long are dropped."""
+        hp = self.hparams
+        dataset = load_rows(source, split, hp.subset)
+        columns = {"problem": hp.problem_column, "solution": hp.solution_column, "answer": hp.answer_column}
+        if hp.teacher_context != "privileged":
+            columns["solution"] = None if hp.solution_column not in dataset.column_names else hp.solution_column
+        check_columns(dataset, columns, source)
+        if len(dataset) == 0:
+            raise ValueError(f"Dataset {source!r} split {split!r} is empty: point the data config at rows to train on.")
+        rows, dropped = [], 0
+        for i, example in enumerate(dataset):
+            row = {k: (str(example[c]) if c is not None else None) for k, c in columns.items()}
+            ids = self._encode(hp.student_template, row)
+            if len(ids) > hp.max_prompt_length:
+                dropped += 1
+                continue
+            row.update(index=i, prompt_ids=ids, teacher_ids=ids)
+            if hp.teacher_context == "privileged":
+                row["teacher_ids"] = prompts.fit_prompt(
+                    hp.privileged_template, row, self.tokenizer, hp.max_teacher_prompt_length, ("solution",),
+                    hp.use_chat_template, hp.chat_template_kwargs,
+                )
+            rows.append(row)
+        if not rows:
+            raise ValueError(
+                f"Every prompt of {source!r} split {split!r} is longer than max_prompt_length="
+                f"{hp.max_prompt_length} tokens: raise data.max_prompt_length."
+            )
+        self.longest_prompt = max(self.longest_prompt, *(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in rows))
+        if dropped:
+            print(f"[trd] {source} {split}: dropped {dropped} of {len(dataset)} prompts over {hp.max_prompt_length} tokens")
+        return rows
+
+    def _encode(self, template: str, row: dict) -> list[int]:
+        text = prompts.render(template, **{k: v or "" for k, v in row.items()})
+        return prompts.to_prompt_ids(text, self.tokenizer, self.hparams.use_chat_template, self.hparams.chat_template_kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            self.train_rows, trainer.world_size if trainer else 1, trainer.global_rank if trainer else 0,
+            shuffle=True, seed=self.hparams.seed,
+        )
+        sampler.skip, self._skip = self._skip, 0
+        return DataLoader(
+            self.train_rows, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
+            collate_fn=self.collate, num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.val_rows:
+            return []
+        return DataLoader(
+            self.val_rows, batch_size=self.hparams.val_batch_size, shuffle=False, collate_fn=self.collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def collate(self, rows: list[dict]) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        prompt_ids, prompt_mask = pad_left([r["prompt_ids"] for r in rows], pad)
+        teacher_ids, teacher_mask = pad_left([r["teacher_ids"] for r in rows], pad)
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "teacher_prompt_ids": teacher_ids,
+            "teacher_prompt_mask": teacher_mask,
+            "index": torch.tensor([r["index"] for r in rows]),
+            "problem": [r["problem"] for r in rows],
+            "solution": [r["solution"] for r in rows],
+            "answer": [r["answer"] for r in rows],
+        }
+
+    # -------------------------------------------------------------- rollouts
+    @property
+    def eos_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id]
+
+    def rollout(self, model, batch: dict, sampling: SamplingConfig, repeats: int, seed: int, with_logprobs: bool = False):
+        """Sample ``repeats`` responses per prompt of ``batch`` from ``model``, seeded by ``seed``.
+
+        The seed makes a step's rollout independent of what ran before it, so a resumed run samples the
+        same responses the uninterrupted run would have.
+        """
+        ids = batch["prompt_ids"].repeat_interleave(repeats, 0)
+        mask = batch["prompt_mask"].repeat_interleave(repeats, 0)
+        devices = [ids.device] if ids.device.type == "cuda" else []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                if devices:
+                    torch.cuda.manual_seed(seed)
+                return sample(
+                    model, ids, mask, sampling, self.eos_ids, self.tokenizer.pad_token_id, with_logprobs,
+                    synced_gpus=self.trainer is not None and self.trainer.world_size > 1,
+                )
+        finally:
+            model.train(was_training)
+
+    def produce(self, batch: dict, module) -> dict[str, float]:
+        """Turn a prompt batch into an on-policy distillation batch, in place; return rollout statistics.
+
+        Writes ``student_ids/student_mask`` (prompt + response), ``teacher_ids/teacher_mask`` (teacher context
+        + the same response), ``response_ids/response_mask``, ``behavior_logprobs`` (when the loss needs
+        them) and ``num_response_tokens``, the response-token count of the whole step on all ranks.
+        """
+        trainer = module.trainer
+        self._count_batch(trainer.current_epoch)
+        repeats = self.hparams.num_generations
+        seed = self.hparams.seed * 1_000_003 + trainer.global_step * trainer.world_size + trainer.global_rank
+        start = time.perf_counter()
+        out = self.rollout(module.student, batch, self.sampling, repeats, seed, module.needs_behavior_logprobs)
+        elapsed = time.perf_counter() - start
+
+        student_ids, student_mask = concat_left_padded(
+            batch["prompt_ids"].repeat_interleave(repeats, 0), batch["prompt_mask"].repeat_interleave(repeats, 0),
+            out.ids, out.mask,
+        )
+        teacher_ids, teacher_mask = concat_left_padded(
+            batch["teacher_prompt_ids"].repeat_interleave(repeats, 0),
+            batch["teacher_prompt_mask"].repeat_interleave(repeats, 0),
+            out.ids, out.mask,
+        )
+        local_tokens = out.mask.sum()
+        batch.update(
+            student_ids=student_ids, student_mask=student_mask, teacher_ids=teacher_ids, teacher_mask=teacher_mask,
+            response_ids=out.ids, response_mask=out.mask, behavior_logprobs=out.behavior_logprobs,
+            num_response_tokens=trainer.strategy.reduce(local_tokens.float(), reduce_op="sum"),
+        )
+        lengths = out.mask.sum(-1).float()
+        stats = {
+            "rollout/response_length": lengths.mean().item(),
+            "rollout/response_length_max": lengths.max().item(),
+            "rollout/truncated_frac": out.truncated.float().mean().item(),
+            "perf/rollout_seconds": elapsed,
+            "perf/rollout_tokens_per_sec": local_tokens.item() / max(elapsed, 1e-9),
+        }
+        answers = [a for a in batch["answer"] for _ in range(repeats)]
+        if all(a is not None for a in answers):
+            texts = self.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
+            stats["rollout/accuracy"] = sum(map(is_correct, texts, answers)) / len(texts)
+        return stats
+
+    # ------------------------------------------------------------ resumption
+    def _count_batch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._epoch, self._consumed = epoch, 0
+        self._consumed += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "consumed_batches": self._consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._epoch, self._consumed = state["epoch"], state["consumed_batches"]
+        # The next train_dataloader starts this epoch's order where the checkpoint left it.
+        self._skip = self._consumed * self.hparams.batch_size

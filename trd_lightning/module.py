@@ -1,0 +1,291 @@
+"""DistillationModule: a student, its teacher, and one optimizer step per on-policy batch."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from trd_lightning import losses
+from trd_lightning.hf import last_hidden, load_causal_lm, load_config, output_head
+from trd_lightning.lora import LoraOptions, apply_lora
+from trd_lightning.optim import warmup_cosine
+from trd_lightning.rollout.assemble import response_rows
+from trd_lightning.teacher import SharedWeights, TeacherKind, ema_update, freeze, frozen_copy, needs_copy, scoring_model
+from trd_lightning.verify import is_correct
+
+LossName = Literal["jsd", "topk", "sampled_token"]
+
+
+class DistillationModule(L.LightningModule):
+    """On-policy distillation of a causal LM (OPD, OPSD) with manual optimization.
+
+    One training batch is one rollout round is one optimizer step: the DataModule's ``produce`` fills the
+    batch with the student's rollouts (see ``OnPolicyDataModule``), then the step runs in micro-batches and
+    divides the summed token losses by the response-token count of the whole step on all ranks, so the
+    gradient does not depend on ``micro_batch_size``.
+
+    Args:
+        student: name or path of the student (a Hugging Face causal LM).
+        teacher: name or path of the teacher, for ``teacher_kind: frozen``.
+        teacher_kind: ``frozen`` (a separate model, never trained) or ``shared`` (the student itself, scored
+            under the teacher's context: OPSD).
+        shared_weights: the shared teacher's weights: ``initial`` (the starting weights: LoRA adapter off, or a
+            frozen copy), ``live`` (the current student) or ``ema`` (an exponential moving average).
+        ema_decay: decay of the ``ema`` teacher per optimizer step.
+        lora: train a LoRA adapter instead of all weights (peft).
+        dtype: weight dtype of both models: float32, bfloat16 or float16.
+        loss: ``jsd`` (full-vocabulary generalized JSD), ``topk`` (on the top-k support, with a tail bucket) or
+            ``sampled_token`` (per-token reverse KL of the sampled token as a stop-gradient advantage).
+        beta: 0 is forward KL(teacher || student), 1 is reverse KL(student || teacher), in between the
+            generalized JSD (for ``jsd`` and ``topk``).
+        loss_temperature: both models' logits are divided by it in the loss (not the rollout temperature).
+        loss_top_k: support size of the ``topk`` loss.
+        loss_top_k_tail: add a tail bucket (the mass outside the support) instead of renormalising.
+        loss_top_k_support: whose top-k forms the support: ``teacher`` or ``student``.
+        micro_batch_size: sequences per forward/backward; a memory knob only, it must divide the step's rollouts.
+        loss_chunk_size: response positions per loss chunk; bounds the logits held at once.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_ratio: share of the steps spent in linear warmup.
+        min_lr_ratio: the cosine decay ends at ``lr * min_lr_ratio``.
+        max_grad_norm: gradient clipping by global norm; None turns it off.
+        gradient_checkpointing: recompute the student's activations in backward to save memory.
+        trust_remote_code: allow models with custom code from the hub.
+    """
+
+    def __init__(
+        self,
+        student: str = "trd-demo/student",
+        teacher: str | None = "trd-demo/teacher",
+        teacher_kind: TeacherKind = "frozen",
+        shared_weights: SharedWeights = "initial",
+        ema_decay: float = 0.99,
+        lora: LoraOptions | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        loss: LossName = "jsd",
+        beta: float = 0.0,
+        loss_temperature: float = 1.0,
+        loss_top_k: int = 32,
+        loss_top_k_tail: bool = True,
+        loss_top_k_support: Literal["teacher", "student"] = "teacher",
+        micro_batch_size: int = 8,
+        loss_chunk_size: int = 1024,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_ratio: float = 0.1,
+        min_lr_ratio: float = 0.1,
+        max_grad_norm: float | None = 1.0,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"model.beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {beta}.")
+        if loss_temperature <= 0:
+            raise ValueError(f"model.loss_temperature must be > 0, got {loss_temperature}.")
+        if teacher_kind == "frozen" and not teacher:
+            raise ValueError("teacher_kind: frozen needs model.teacher, the name or path of the teacher model.")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}.")
+        for name in ("micro_batch_size", "loss_chunk_size", "loss_top_k"):
+            if getattr(self.hparams, name) < 1:
+                raise ValueError(f"model.{name} must be at least 1, got {getattr(self.hparams, name)}.")
+        self.automatic_optimization = False
+        self.student: torch.nn.Module | None = None
+        self.teacher: torch.nn.Module | None = None
+        self.val_accuracy = MeanMetric()
+        self.val_length = MeanMetric()
+        self._rollout_seconds = 0.0
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        """Check the inputs against each other before any weights are loaded."""
+        hp = self.hparams
+        student_cfg = load_config(hp.student, hp.trust_remote_code)
+        if hp.teacher_kind == "frozen":
+            teacher_cfg = load_config(hp.teacher, hp.trust_remote_code)
+            if student_cfg.vocab_size != teacher_cfg.vocab_size:
+                raise ValueError(
+                    f"Student {hp.student!r} has a vocabulary of {student_cfg.vocab_size} and teacher {hp.teacher!r} "
+                    f"one of {teacher_cfg.vocab_size}: distillation compares them token by token, so pick a "
+                    "teacher that shares the student's tokenizer and vocabulary size."
+                )
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None or not hasattr(data, "produce"):
+            return
+        dh = data.hparams
+        if hp.teacher_kind == "shared" and dh.teacher_context == "prompt":
+            raise ValueError(
+                "teacher_kind: shared scores with the student itself, so the teacher must see more than the student: "
+                "set data.teacher_context: privileged (OPSD), or use teacher_kind: frozen with a teacher model."
+            )
+        rollouts = dh.batch_size * dh.num_generations
+        if rollouts % hp.micro_batch_size:
+            raise ValueError(
+                f"model.micro_batch_size={hp.micro_batch_size} does not divide the {rollouts} rollouts of a step "
+                f"(data.batch_size={dh.batch_size} x data.num_generations={dh.num_generations}): pick a divisor."
+            )
+        positions = getattr(student_cfg, "max_position_embeddings", None)
+        longest = getattr(data, "longest_prompt", 0) + dh.max_new_tokens
+        if positions is not None and longest > positions:
+            raise ValueError(
+                f"The longest prompt ({data.longest_prompt} tokens) plus data.max_new_tokens={dh.max_new_tokens} "
+                f"exceeds the student's {positions} positions: lower data.max_new_tokens, "
+                "data.max_prompt_length or data.max_teacher_prompt_length."
+            )
+
+    def configure_model(self) -> None:
+        """Load the student (and the teacher) once; called again by Lightning, it does nothing."""
+        if self.student is not None:
+            return
+        hp = self.hparams
+        student = load_causal_lm(hp.student, hp.dtype, hp.trust_remote_code)
+        if hp.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        if hp.lora is not None:
+            student = apply_lora(student, hp.lora)
+        self.student = student.train()  # from_pretrained returns eval mode
+        if hp.teacher_kind == "frozen":
+            self.teacher = freeze(load_causal_lm(hp.teacher, hp.dtype, hp.trust_remote_code))
+        elif needs_copy(hp.teacher_kind, hp.shared_weights, student):
+            self.teacher = frozen_copy(student)
+
+    @property
+    def needs_behavior_logprobs(self) -> bool:
+        return self.hparams.loss == "sampled_token"
+
+    # -------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        stats = self.trainer.datamodule.produce(batch, self)
+        self._rollout_seconds = stats["perf/rollout_seconds"]
+        self.log_dict(stats, batch_size=len(batch["response_ids"]))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        start = time.perf_counter()
+        opt = self.optimizers()
+        scheduler = self.lr_schedulers()
+        total = batch["num_response_tokens"].clamp(min=1)
+        # Gradients are averaged over ranks by the strategy; multiplying by the world size turns that mean
+        # back into the sum, so the step's loss is exactly sum(token losses) / global token count.
+        scale = self.trainer.world_size / total
+        rows = batch["student_ids"].shape[0]
+        micro = self.hparams.micro_batch_size
+        token_losses = []
+        opt.zero_grad(set_to_none=True)
+        for first in range(0, rows, micro):
+            part = slice(first, first + micro)
+            with opt.toggle_model(sync_grad=first + micro >= rows):
+                per_token = self.token_losses(batch, part)
+                self.manual_backward(per_token.sum() * scale)
+            token_losses.append(per_token.detach())
+        grad_norm = None
+        if self.hparams.max_grad_norm is not None:
+            grad_norm = self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        scheduler.step()
+        if self.hparams.teacher_kind == "shared" and self.hparams.shared_weights == "ema":
+            ema_update(self.teacher, self.student, self.hparams.ema_decay)
+        token_losses = torch.cat(token_losses)
+        loss = self.trainer.strategy.reduce(token_losses.sum(), reduce_op="sum") / total
+        self._log_step(loss, token_losses, total, grad_norm, time.perf_counter() - start)
+        return loss
+
+    def token_losses(self, batch: dict, part: slice) -> torch.Tensor:
+        """Per-response-token losses of the rows ``part`` of a produced batch (student graph attached)."""
+        hp = self.hparams
+        response_mask = batch["response_mask"][part]
+        hidden = last_hidden(self.student, batch["student_ids"][part], batch["student_mask"][part])
+        student_rows = response_rows(hidden, batch["student_ids"].shape[1] - response_mask.shape[1], response_mask)
+        with torch.no_grad(), scoring_model(self.student, self.teacher, hp.teacher_kind, hp.shared_weights) as scorer:
+            t_hidden = last_hidden(scorer, batch["teacher_ids"][part], batch["teacher_mask"][part])
+            teacher_rows = response_rows(t_hidden, batch["teacher_ids"].shape[1] - response_mask.shape[1], response_mask)
+            teacher_head = output_head(scorer)
+        aux = []
+        if hp.loss == "sampled_token":
+            aux = [batch["response_ids"][part][response_mask], batch["behavior_logprobs"][part][response_mask]]
+        return losses.chunked_token_loss(
+            student_rows, teacher_rows, output_head(self.student), teacher_head, self._loss_fn, hp.loss_chunk_size, *aux
+        )
+
+    @property
+    def _loss_fn(self):
+        hp = self.hparams
+        if hp.loss == "jsd":
+            return partial(losses.generalized_jsd, beta=hp.beta, temperature=hp.loss_temperature)
+        if hp.loss == "topk":
+            return partial(
+                losses.topk_divergence, k=hp.loss_top_k, beta=hp.beta, temperature=hp.loss_temperature,
+                tail=hp.loss_top_k_tail, support=hp.loss_top_k_support,
+            )
+        return partial(_sampled_token, temperature=hp.loss_temperature)
+
+    def _log_step(self, loss, token_losses: torch.Tensor, total: torch.Tensor, grad_norm, seconds: float) -> None:
+        n = max(token_losses.numel(), 1)
+        step_seconds = seconds + self._rollout_seconds
+        metrics = {
+            "train/loss": loss,
+            "train/token_loss_max": token_losses.max() if token_losses.numel() else 0.0,
+            "train/token_loss_std": token_losses.std() if n > 1 else 0.0,
+            "train/response_tokens": total,
+            "train/lr": self.lr_schedulers().get_last_lr()[0],
+            "perf/train_seconds": seconds,
+            "perf/rollout_fraction": self._rollout_seconds / max(step_seconds, 1e-9),
+            "perf/response_tokens_per_sec": total / max(step_seconds, 1e-9),
+        }
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = grad_norm
+        self.log_dict(metrics, batch_size=n)
+
+    # ------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        data = self.trainer.datamodule
+        k = data.hparams.val_samples
+        seed = data.hparams.seed * 7919 + batch_idx * self.trainer.world_size + self.trainer.global_rank
+        out = data.rollout(self.student, batch, data.val_sampling, k, seed)
+        texts = data.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
+        answers = [a for a in batch["answer"] for _ in range(k)]
+        self.val_length.update(out.mask.sum(-1).float())
+        self.log("val/response_length", self.val_length, on_epoch=True, batch_size=len(texts))
+        if all(a is not None for a in answers):
+            correct = torch.tensor([is_correct(t, a) for t, a in zip(texts, answers)], dtype=torch.float)
+            self.val_accuracy.update(correct)
+            self.log("val/accuracy", self.val_accuracy, on_epoch=True, batch_size=len(texts))
+
+    # ------------------------------------------------------------ optimizers
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(int(total), hp.warmup_ratio, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": scheduler}
+
+    # ----------------------------------------------------------- checkpoints
+    def _teacher_is_state(self) -> bool:
+        # An EMA teacher is training state and must survive a resume; any other teacher is reloaded.
+        return self.hparams.teacher_kind == "shared" and self.hparams.shared_weights == "ema"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self._teacher_is_state():
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None and not self._teacher_is_state():
+            # Put the loaded teacher's own weights back so that loading stays strict for the student.
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+
+
+def _sampled_token(student_logits, teacher_logits, ids, behavior_logprobs, temperature: float):
+    return losses.sampled_token_loss(
+        losses.token_logprobs(student_logits, ids, temperature),
+        losses.token_logprobs(teacher_logits, ids, temperature),
+        behavior_logprobs,
+    )

@@ -1,0 +1,1 @@
+"""Rollouts: sampling responses and assembling the student and teacher sequences."""
