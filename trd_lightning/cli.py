@@ -30,14 +30,15 @@ class TRDCLI(LightningCLI):
         parser.link_arguments("model.student", "data.tokenizer", apply_on="parse")
 
 
-def main(args=None) -> TRDCLI:
-    """Entry point of ``trd`` and ``python -m trd_lightning``."""
+def main(args=None, run: bool = True) -> TRDCLI:
+    """Entry point of ``trd`` and ``python -m trd_lightning``; ``run=False`` only parses and instantiates."""
     return TRDCLI(
         DistillationModule,
         OnPolicyDataModule,
         save_config_callback=SaveConfigToLogger,
-        save_config_kwargs={"overwrite": True, "save_to_log_dir": True},
+        save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -26,7 +26,13 @@ def load_rows(source: str, split: str, subset: str | None = None) -> Dataset:
     if path.suffix.lower() in FILE_BUILDERS:
         if not path.exists():
             raise FileNotFoundError(f"Dataset file {path} does not exist.")
-        return load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        try:
+            return load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        except (StopIteration, ValueError) as err:
+            # `datasets` reports a file without rows as a missing split (or not at all, for empty jsonl).
+            if path.stat().st_size == 0 or isinstance(err, StopIteration) or "corresponds to no data" in str(err):
+                raise ValueError(f"Dataset {source!r} is empty: point the data config at rows to train on.") from err
+            raise
     if path.is_dir() and (path / "dataset_info.json").exists():
         return load_from_disk(str(path))
     if path.is_dir() and (path / "dataset_dict.json").exists():

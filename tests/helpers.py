@@ -1,0 +1,40 @@
+"""Building a Trainer run on the tiny fixtures, with callbacks that record what the tests check."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from trd_lightning import DistillationModule, OnPolicyDataModule
+
+
+class Recorder(L.Callback):
+    """Records the logged train/loss of every step and, optionally, the gradients before each optimizer step."""
+
+    def __init__(self, grads: bool = False) -> None:
+        self.losses: dict[int, float] = {}
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.keep_grads = grads
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.keep_grads:
+            self.grads.append(
+                {n: p.grad.detach().clone() for n, p in pl_module.student.named_parameters() if p.grad is not None}
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(trainer.callback_metrics["train/loss"])
+
+
+def make_run(tiny: dict, root, model: dict | None = None, data: dict | None = None, callbacks=(), **trainer_kw):
+    """A (trainer, module, datamodule) triple on the tiny models and data, CPU, no validation by default."""
+    model_kw = {"student": tiny["student"], "teacher": tiny["teacher"], "micro_batch_size": 4, "lr": 1e-3,
+                "warmup_ratio": 0.0, **(model or {})}
+    data_kw = {"train_data": tiny["train"], "val_split": None, "batch_size": 4, "max_new_tokens": 12,
+               "tokenizer": model_kw["student"], **(data or {})}
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, default_root_dir=str(root), enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, callbacks=list(callbacks),
+        **{"max_steps": 2, "enable_checkpointing": False, "logger": False, **trainer_kw},
+    )
+    return trainer, DistillationModule(**model_kw), OnPolicyDataModule(**data_kw)

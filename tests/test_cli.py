@@ -1,0 +1,83 @@
+"""The `trd` command: every shipped config instantiates, and a fit through the CLI leaves what users look at."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trd_lightning import DistillationModule, OnPolicyDataModule
+from trd_lightning.cli import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "demo_opsd.yaml", "qwen3_opd.yaml", "qwen3_opsd.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_instantiates(config, tmp_path):
+    """Instantiating builds the module, DataModule and Trainer without loading weights or data."""
+    cli = main(["--config", str(config), *ON_CPU, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert isinstance(cli.model, DistillationModule) and cli.model.student is None
+    assert isinstance(cli.datamodule, OnPolicyDataModule) and cli.datamodule.train_rows is None
+    assert cli.datamodule.hparams.tokenizer == cli.model.hparams.student
+    if cli.model.hparams.teacher_kind == "shared":
+        assert cli.datamodule.hparams.teacher_context == "privileged"
+
+
+def test_later_config_overrides_earlier(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  beta: 0.5\ndata:\n  batch_size: 3\n")
+    cli = main(["--config", str(CONFIGS[0]), "--config", str(override), *ON_CPU], run=False)
+    assert cli.model.hparams.beta == 0.5 and cli.datamodule.hparams.batch_size == 3
+
+
+def test_print_config_and_help_run_as_a_program():
+    out = subprocess.run(
+        [sys.executable, "-m", "trd_lightning", "fit", "--config", "configs/demo.yaml", "--print_config"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True,
+    ).stdout
+    assert "teacher: trd-demo/teacher" in out and "max_new_tokens" in out
+    helped = subprocess.run(
+        [sys.executable, "-m", "trd_lightning", "fit", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    # Constructor docstrings are the documentation of each option.
+    assert "micro-batch" in helped.lower() or "micro_batch_size" in helped
+
+
+def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
+    root = tmp_path / "runs"
+    main([
+        "fit", "--config", str(CONFIGS[0].parent / "demo.yaml"), *ON_CPU,
+        f"--model.student={tiny['student']}", f"--model.teacher={tiny['teacher']}", "--model.micro_batch_size=4",
+        f"--data.train_data={tiny['train']}", f"--data.val_data={tiny['validation']}", "--data.val_split=train",
+        "--data.batch_size=4", "--data.max_new_tokens=12", "--data.val_batch_size=8",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2", f"--trainer.logger.init_args.save_dir={root}",
+    ])
+    run = next(root.rglob("events.out.tfevents*")).parent
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/accuracy", "train/lr", "rollout/response_length", "rollout/truncated_frac"} <= scalars
+    assert {"perf/rollout_seconds", "perf/train_seconds", "perf/response_tokens_per_sec"} <= scalars
+    assert [e.step for e in events.Scalars("val/accuracy")][0] == 0  # validated before the first step
+    assert (run / "config.yaml").exists()
+
+    export = run / "student"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    ids = tokenizer("3 + 4", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    # The export is the trained student, not the starting one.
+    start = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), start.parameters()))

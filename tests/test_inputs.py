@@ -1,0 +1,182 @@
+"""Bad inputs fail fast: a ValueError that names the fix, raised before any model weights are loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import make_run
+
+from trd_lightning import DistillationModule, OnPolicyDataModule
+from trd_lightning.data.prompts import STUDENT_TEMPLATE
+
+# The tiny models of conftest.py have this many positions.
+POSITIONS = 512
+
+
+@pytest.fixture(autouse=True)
+def no_weights(monkeypatch):
+    """Reaching the weight loader is a failure here: every check must run on configs and data alone."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr("trd_lightning.module.load_causal_lm", refuse)
+
+
+def fit(tiny, tmp_path, model=None, data=None):
+    trainer, module, datamodule = make_run(tiny, tmp_path, model=model, data=data, max_steps=1)
+    trainer.fit(module, datamodule)
+
+
+def vocab_size(path: str) -> int:
+    return json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ controls
+
+
+def test_valid_inputs_reach_the_weight_loader(tiny, tmp_path):
+    """The control for every case below: with good inputs the run gets as far as loading weights, so the
+    ValueErrors below come from the bad input and not from something else that is broken."""
+    with pytest.raises(AssertionError, match="weights loaded"):
+        fit(tiny, tmp_path)
+
+
+# ------------------------------------------------------------------ models
+
+
+def test_vocabulary_mismatch(tiny, tmp_path):
+    with pytest.raises(ValueError, match="pick a teacher that shares the student's tokenizer and vocabulary size"):
+        fit(tiny, tmp_path, model={"teacher": tiny["other_vocab"]})
+
+
+def test_vocabulary_mismatch_names_both_sizes(tiny, tmp_path):
+    student, teacher = vocab_size(tiny["student"]), vocab_size(tiny["other_vocab"])
+    assert student != teacher  # otherwise the fixture does not exercise the check
+    with pytest.raises(ValueError) as err:
+        fit(tiny, tmp_path, model={"teacher": tiny["other_vocab"]})
+    message = str(err.value)
+    assert f"vocabulary of {student}" in message
+    assert f"one of {teacher}" in message
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5])
+def test_beta_outside_unit_interval(tiny, tmp_path, beta):
+    with pytest.raises(ValueError, match=r"model\.beta must be in \[0, 1\]"):
+        make_run(tiny, tmp_path, model={"beta": beta})
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_beta_bounds_are_allowed(beta):
+    # Forward KL (0) and reverse KL (1) are the two ends of the range, not errors.
+    assert DistillationModule(student="s", teacher="t", beta=beta).hparams.beta == beta
+
+
+def test_frozen_teacher_needs_a_teacher():
+    with pytest.raises(ValueError, match=r"teacher_kind: frozen needs model\.teacher"):
+        DistillationModule(student="s", teacher=None, teacher_kind="frozen")
+
+
+def test_shared_teacher_with_prompt_context(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"set data\.teacher_context: privileged"):
+        fit(tiny, tmp_path, model={"teacher": None, "teacher_kind": "shared"}, data={"teacher_context": "prompt"})
+
+
+@pytest.mark.parametrize(("batch", "generations", "micro"), [(4, 1, 3), (4, 2, 3), (3, 1, 2)])
+def test_micro_batch_must_divide_the_rollouts(tiny, tmp_path, batch, generations, micro):
+    rollouts = batch * generations
+    match = rf"micro_batch_size={micro} does not divide the {rollouts} rollouts.*pick a divisor"
+    with pytest.raises(ValueError, match=match):
+        data = {"batch_size": batch, "num_generations": generations}
+        fit(tiny, tmp_path, model={"micro_batch_size": micro}, data=data)
+
+
+def test_micro_batch_dividing_the_rollouts_is_accepted(tiny, tmp_path):
+    # Micro-batches split rollouts, not prompts: 2 divides the 3 x 2 = 6 rollouts though not the 3 prompts.
+    with pytest.raises(AssertionError, match="weights loaded"):
+        fit(tiny, tmp_path, model={"micro_batch_size": 2}, data={"batch_size": 3, "num_generations": 2})
+
+
+# ------------------------------------------------------------------ lengths
+
+
+def longest_student_prompt(tiny) -> int:
+    """The longest chat-formatted student prompt of the train file, measured without the datamodule."""
+    from trd_lightning.hf import load_tokenizer
+
+    tok = load_tokenizer(tiny["student"])
+    return max(
+        len(tok.apply_chat_template(
+            [{"role": "user", "content": STUDENT_TEMPLATE.replace("{problem}", row["problem"])}],
+            add_generation_prompt=True, tokenize=True,
+        )["input_ids"])
+        for row in read_jsonl(tiny["train"])
+    )
+
+
+def test_prompt_plus_new_tokens_over_the_positions(tiny, tmp_path):
+    longest = longest_student_prompt(tiny)
+    with pytest.raises(ValueError, match=rf"\({longest} tokens\).*lower data\.max_new_tokens"):
+        fit(tiny, tmp_path, data={"max_new_tokens": POSITIONS - longest + 1})
+
+
+def test_prompt_plus_new_tokens_exactly_at_the_positions(tiny, tmp_path):
+    # The boundary: a sequence that fills every position exactly is allowed.
+    longest = longest_student_prompt(tiny)
+    with pytest.raises(AssertionError, match="weights loaded"):
+        fit(tiny, tmp_path, data={"max_new_tokens": POSITIONS - longest})
+
+
+def test_every_prompt_too_long(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"max_prompt_length=3 tokens: raise data\.max_prompt_length"):
+        fit(tiny, tmp_path, data={"max_prompt_length": 3})
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_unknown_problem_column(tiny, tmp_path):
+    match = r"problem_column='question'.*'problem', 'solution', 'answer'.*set the column names"
+    with pytest.raises(ValueError, match=match):
+        fit(tiny, tmp_path, data={"problem_column": "question"})
+
+
+def test_privileged_context_without_solution_column():
+    with pytest.raises(ValueError, match=r"set data\.solution_column"):
+        OnPolicyDataModule(teacher_context="privileged", solution_column=None)
+
+
+def test_privileged_context_on_a_file_without_solutions(tiny, tmp_path):
+    file = tmp_path / "no_solution.jsonl"
+    rows = [{"problem": r["problem"], "answer": r["answer"]} for r in read_jsonl(tiny["train"])[:8]]
+    file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"solution_column='solution'.*set the column names"):
+        fit(tiny, tmp_path, model={"teacher": None, "teacher_kind": "shared"},
+            data={"train_data": str(file), "teacher_context": "privileged"})
+
+
+def test_prompt_context_on_a_file_without_solutions_is_accepted(tiny, tmp_path):
+    # OPD never shows the solution, so a dataset without one is fine there.
+    file = tmp_path / "no_solution.jsonl"
+    rows = [{"problem": r["problem"], "answer": r["answer"]} for r in read_jsonl(tiny["train"])[:8]]
+    file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(AssertionError, match="weights loaded"):
+        fit(tiny, tmp_path, data={"train_data": str(file)})
+
+
+def test_empty_dataset(tiny, tmp_path):
+    file = tmp_path / "empty.csv"
+    file.write_text("problem,solution,answer\n")
+    with pytest.raises(ValueError, match="empty"):
+        fit(tiny, tmp_path, data={"train_data": str(file)})
+
+
+def test_student_template_without_problem_slot():
+    with pytest.raises(ValueError, match=r"student template must contain \{problem\}"):
+        OnPolicyDataModule(student_template="Solve it. Put the answer in \\boxed{}.")

@@ -1,0 +1,105 @@
+"""End-to-end training behaviour on tiny models: gradient accumulation, resume, teacher kinds."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from helpers import Recorder, make_run
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from trd_lightning.lora import LoraOptions
+
+
+@pytest.mark.parametrize("loss", ["jsd", "topk", "sampled_token"])
+def test_gradients_do_not_depend_on_micro_batching(tiny, tmp_path, loss):
+    """One step as 1 micro-batch of 8 rollouts or as 4 of 2 gives the same gradient (the loss is normalised
+    by the step's token count, not per micro-batch)."""
+    grads = []
+    for micro in (8, 2):
+        L.seed_everything(0)
+        rec = Recorder(grads=True)
+        trainer, module, data = make_run(
+            tiny, tmp_path / str(micro), model={"micro_batch_size": micro, "loss": loss, "max_grad_norm": None, "beta": 0.5},
+            data={"batch_size": 4, "num_generations": 2}, callbacks=[rec], max_steps=1,
+        )
+        trainer.fit(module, data)
+        grads.append(rec.grads[0])
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_teacher_equal_to_student_gives_zero_loss(tiny, tmp_path):
+    rec = Recorder()
+    trainer, module, data = make_run(tiny, tmp_path, model={"teacher": tiny["student"], "beta": 0.5}, callbacks=[rec], max_steps=1)
+    trainer.fit(module, data)
+    assert abs(rec.losses[1]) < 1e-6
+
+
+def test_distinct_teacher_gives_positive_loss_and_checkpoint_holds_no_teacher(tiny, tmp_path):
+    rec = Recorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer, module, data = make_run(tiny, tmp_path, callbacks=[rec, ckpt], enable_checkpointing=True, max_steps=1)
+    trainer.fit(module, data)
+    assert rec.losses[1] > 1e-3
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and not any(k.startswith("teacher.") for k in state)
+    assert any(k.startswith("student.") for k in state)
+
+
+def test_resumed_run_gives_the_same_next_losses(tiny, tmp_path):
+    """Stop after step 2, resume from its checkpoint: steps 3 and 4 match the uninterrupted run."""
+    full = Recorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer, module, data = make_run(tiny, tmp_path / "a", callbacks=[full, ckpt], enable_checkpointing=True, max_steps=4)
+    trainer.fit(module, data)
+
+    resumed = Recorder()
+    trainer, module, data = make_run(tiny, tmp_path / "b", callbacks=[resumed], max_steps=4)
+    trainer.fit(module, data, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert sorted(resumed.losses) == [3, 4]
+    for step in (3, 4):
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-7)
+
+
+def test_resume_continues_the_data_order(tiny, tmp_path):
+    """The resumed run sees the prompts the uninterrupted run would have seen next."""
+    seen_full, seen_resumed = [], []
+
+    class Seen(L.Callback):
+        def __init__(self, out):
+            self.out = out
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.out.append(batch["index"].tolist())
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer, module, data = make_run(tiny, tmp_path / "a", callbacks=[Seen(seen_full), ckpt], enable_checkpointing=True, max_steps=4)
+    trainer.fit(module, data)
+    trainer, module, data = make_run(tiny, tmp_path / "b", callbacks=[Seen(seen_resumed)], max_steps=4)
+    trainer.fit(module, data, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert seen_resumed == seen_full[2:]
+
+
+@pytest.mark.parametrize(
+    ("weights", "lora"), [("initial", None), ("initial", LoraOptions(r=4, alpha=8)), ("live", None), ("ema", None)]
+)
+def test_shared_teacher_opsd(tiny, tmp_path, weights, lora):
+    """OPSD: the student scores itself under the privileged context; the loss is positive (the contexts
+    differ) and finite, and only the student's trainable weights change."""
+    rec = Recorder()
+    trainer, module, data = make_run(
+        tiny, tmp_path, model={"teacher": None, "teacher_kind": "shared", "shared_weights": weights, "lora": lora},
+        data={"teacher_context": "privileged"}, callbacks=[rec], max_steps=2,
+    )
+    trainer.fit(module, data)
+    assert all(torch.isfinite(torch.tensor(v)) and v > 0 for v in rec.losses.values())
+    if weights == "initial" and lora is None:
+        # The frozen copy keeps the starting weights while the student moves.
+        moved = [not torch.equal(p, q) for p, q in zip(module.student.parameters(), module.teacher.parameters())]
+        assert any(moved)
+    if weights == "initial" and lora is not None:
+        assert module.teacher is None
+        trainable = [n for n, p in module.student.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
