@@ -1,4 +1,4 @@
-"""Loading Hugging Face causal LMs and tokenizers by name or path, and reading their hidden states."""
+"""Loading Hugging Face causal LMs and tokenizers by hub name or local path, and reading their hidden states."""
 
 from __future__ import annotations
 
@@ -6,19 +6,17 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from trd_lightning.data.demo.world import resolve
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_config(name: str, trust_remote_code: bool = False):
     """The model config alone: cheap, used to check inputs before any weights are loaded."""
-    return AutoConfig.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """A left-padding tokenizer with a pad token (the end-of-sequence token when it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -30,7 +28,7 @@ def load_causal_lm(name: str, dtype: str = "float32", trust_remote_code: bool = 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
     return AutoModelForCausalLM.from_pretrained(
-        resolve(name), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     )
 
 

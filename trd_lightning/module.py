@@ -11,6 +11,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from trd_lightning import losses
+from trd_lightning.checks import check_against_data, check_vocabularies
+from trd_lightning.data.demo.world import resolve
 from trd_lightning.hf import last_hidden, load_causal_lm, load_config, output_head
 from trd_lightning.lora import LoraOptions, apply_lora
 from trd_lightning.optim import warmup_cosine
@@ -109,52 +111,28 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the inputs against each other before any weights are loaded."""
         hp = self.hparams
-        student_cfg = load_config(hp.student, hp.trust_remote_code)
+        student_cfg = load_config(resolve(hp.student), hp.trust_remote_code)
         if hp.teacher_kind == "frozen":
-            teacher_cfg = load_config(hp.teacher, hp.trust_remote_code)
-            if student_cfg.vocab_size != teacher_cfg.vocab_size:
-                raise ValueError(
-                    f"Student {hp.student!r} has a vocabulary of {student_cfg.vocab_size} and teacher {hp.teacher!r} "
-                    f"one of {teacher_cfg.vocab_size}: distillation compares them token by token, so pick a "
-                    "teacher that shares the student's tokenizer and vocabulary size."
-                )
+            teacher_cfg = load_config(resolve(hp.teacher), hp.trust_remote_code)
+            check_vocabularies(hp.student, student_cfg.vocab_size, hp.teacher, teacher_cfg.vocab_size)
         data = getattr(self.trainer, "datamodule", None)
-        if data is None or not hasattr(data, "produce"):
-            return
-        dh = data.hparams
-        if hp.teacher_kind == "shared" and dh.teacher_context == "prompt":
-            raise ValueError(
-                "teacher_kind: shared scores with the student itself, so the teacher must see more than the student: "
-                "set data.teacher_context: privileged (OPSD), or use teacher_kind: frozen with a teacher model."
-            )
-        rollouts = dh.batch_size * dh.num_generations
-        if rollouts % hp.micro_batch_size:
-            raise ValueError(
-                f"model.micro_batch_size={hp.micro_batch_size} does not divide the {rollouts} rollouts of a step "
-                f"(data.batch_size={dh.batch_size} x data.num_generations={dh.num_generations}): pick a divisor."
-            )
-        positions = getattr(student_cfg, "max_position_embeddings", None)
-        longest = getattr(data, "longest_prompt", 0) + dh.max_new_tokens
-        if positions is not None and longest > positions:
-            raise ValueError(
-                f"The longest prompt ({data.longest_prompt} tokens) plus data.max_new_tokens={dh.max_new_tokens} "
-                f"exceeds the student's {positions} positions: lower data.max_new_tokens, "
-                "data.max_prompt_length or data.max_teacher_prompt_length."
-            )
+        if data is not None and hasattr(data, "produce"):
+            positions = getattr(student_cfg, "max_position_embeddings", None)
+            check_against_data(hp, data.hparams, data.longest_prompt, positions)
 
     def configure_model(self) -> None:
         """Load the student (and the teacher) once; called again by Lightning, it does nothing."""
         if self.student is not None:
             return
         hp = self.hparams
-        student = load_causal_lm(hp.student, hp.dtype, hp.trust_remote_code)
+        student = load_causal_lm(resolve(hp.student), hp.dtype, hp.trust_remote_code)
         if hp.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         if hp.lora is not None:
             student = apply_lora(student, hp.lora)
         self.student = student.train()  # from_pretrained returns eval mode
         if hp.teacher_kind == "frozen":
-            self.teacher = freeze(load_causal_lm(hp.teacher, hp.dtype, hp.trust_remote_code))
+            self.teacher = freeze(load_causal_lm(resolve(hp.teacher), hp.dtype, hp.trust_remote_code))
         elif needs_copy(hp.teacher_kind, hp.shared_weights, student):
             self.teacher = frozen_copy(student)
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from trd_lightning.data import prompts
+from trd_lightning.data.demo.world import resolve
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.hf import load_tokenizer
 from trd_lightning.rollout.assemble import concat_left_padded, pad_left
@@ -125,7 +126,7 @@ class OnPolicyDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ data
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            self.tokenizer = load_tokenizer(resolve(self.hparams.tokenizer))
         if stage == "fit" and self.train_rows is None:
             self.train_rows = self._prepare(self.hparams.train_data, self.hparams.train_split)
         if stage in ("fit", "validate") and self.val_rows is None and self.hparams.val_split is not None:
