@@ -9,10 +9,16 @@ from trd_lightning.losses import (
     chunked_token_loss,
     divergence_from_logprobs,
     generalized_jsd,
+    kl_token_clip,
     masked_divergence,
+    near_future_weights,
+    persistent_divergence_mask,
+    pointwise_clipped_divergence,
     sampled_token_loss,
     token_logprobs,
+    topd_token_loss,
     topk_divergence,
+    topk_reverse_kl,
 )
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -400,3 +406,229 @@ def test_chunked_never_materialises_more_than_one_chunk(chunk_size):
         all_rows = rec.rows["forward"] + rec.rows["backward"]
         assert max(all_rows) <= chunk_size
     assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+# ------------------------------------------------ token-level clipping baselines
+
+
+def test_kl_token_clip_values_and_gradient():
+    per_token = torch.tensor([[0.02, 0.5, 0.09], [3.0, -0.01, 0.11]], requires_grad=True)
+    out = kl_token_clip(per_token, clip=0.1)
+    assert out.dtype == torch.float32
+    close(out, [[0.02, 0.1, 0.09], [0.1, -0.01, 0.1]])
+    out.sum().backward()
+    # Clipped positions are constants; the others pass the gradient through.
+    close(per_token.grad, [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], atol=0)
+    assert kl_token_clip(per_token.detach().bfloat16()).dtype == torch.float32
+
+
+def np_pointwise_terms(s_logits, t_logits, beta, temperature):
+    """Per-vocabulary-entry terms of the divergence, float64: [..., V]."""
+    p_s = np_softmax(np.asarray(s_logits, np.float64) / temperature)
+    p_t = np_softmax(np.asarray(t_logits, np.float64) / temperature)
+    if beta == 0.0:
+        return p_t * np.log(p_t / p_s)
+    if beta == 1.0:
+        return p_s * np.log(p_s / p_t)
+    m = (1 - beta) * p_s + beta * p_t
+    return beta * p_t * np.log(p_t / m) + (1 - beta) * p_s * np.log(p_s / m)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_pointwise_clipped_divergence_matches_reference(beta):
+    s, t = logits_pair(3, 4, 30, seed=20)
+    clip = 0.02
+    out = pointwise_clipped_divergence(s, t, beta=beta, temperature=0.7, clip=clip)
+    assert out.shape == (3, 4) and out.dtype == torch.float32
+    terms = np_pointwise_terms(s.numpy(), t.numpy(), beta, 0.7)
+    # The case must exercise both sides of the clip, and negative entries
+    # where they exist (the combined interior entries are >= 0).
+    assert (terms > clip).any() and (terms < clip).any()
+    assert (terms < 0).any() == (beta in (0.0, 1.0))
+    close(out, np.minimum(terms, clip).sum(-1))
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_pointwise_clipped_divergence_huge_clip_is_generalized_jsd(beta):
+    s, t = logits_pair(5, 40, seed=21)
+    out = pointwise_clipped_divergence(s, t, beta=beta, temperature=0.7, clip=1e6)
+    torch.testing.assert_close(out, generalized_jsd(s, t, beta=beta, temperature=0.7), rtol=1e-5, atol=1e-6)
+
+
+def test_pointwise_clipped_entry_gets_no_gradient():
+    # Teacher puts ~0.98 on entry 0, student is uniform: entry 0's forward-KL
+    # term is ~1.34 (clamped), the others ~-0.024 (kept). Only the kept terms
+    # -p_T(v) log p_S(v) (v != 0, plus constants) depend on the student, so
+    # d/ds_j = (1 - p_T(0)) p_S(j) - p_T(j) [j != 0].
+    s = torch.zeros(1, 4, requires_grad=True)
+    t = torch.tensor([[5.0, 0.0, 0.0, 0.0]])
+    out = pointwise_clipped_divergence(s, t, beta=0.0, clip=0.05)
+    out.sum().backward()
+    p_s = np.full(4, 0.25)
+    p_t = np_softmax(t.double().numpy()[0])
+    expected = (1 - p_t[0]) * p_s - np.where(np.arange(4) != 0, p_t, 0.0)
+    close(s.grad[0], expected)
+    close(out, 0.05 + (p_t[1:] * np.log(p_t[1:] / 0.25)).sum())
+    # The unclipped gradient p_S - p_T is very different.
+    assert not np.allclose(expected, p_s - p_t, atol=0.1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_pointwise_clipped_gradient_is_unclamped_entries_gradient(beta):
+    s, t = logits_pair(3, 25, seed=22)
+    clip = 0.02
+    s32, t32 = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    pointwise_clipped_divergence(s32, t32, beta=beta, temperature=0.7, clip=clip).sum().backward()
+    # float64 autograd reference: the sum of the entries below the clip only.
+    s64, t64 = s.double().requires_grad_(True), t.double().requires_grad_(True)
+    p_s, p_t = (s64 / 0.7).softmax(-1), (t64 / 0.7).softmax(-1)
+    if beta == 0.0:
+        terms = p_t * (p_t / p_s).log()
+    elif beta == 1.0:
+        terms = p_s * (p_s / p_t).log()
+    else:
+        m = (1 - beta) * p_s + beta * p_t
+        terms = beta * p_t * (p_t / m).log() + (1 - beta) * p_s * (p_s / m).log()
+    kept = terms.detach() <= clip
+    assert (~kept).any() and kept.any()
+    (terms * kept).sum().backward()
+    close(s32.grad, s64.grad.numpy(), rtol=1e-4, atol=1e-6)
+    close(t32.grad, t64.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("k, temperature", [(32, 1.0), (5, 0.7)])
+def test_topk_reverse_kl_matches_reference(k, temperature):
+    s, t = logits_pair(3, 4, 100, seed=23)
+    s = s.requires_grad_(True)
+    # k=32, temperature=1 are the defaults: call without them to pin those too.
+    out = topk_reverse_kl(s, t, k=k, temperature=temperature) if k != 32 else topk_reverse_kl(s, t)
+    assert out.shape == (3, 4) and out.dtype == torch.float32
+    sn, tn = s.detach().double().numpy(), t.double().numpy()
+    idx = np.argsort(-tn, axis=-1)[..., :k]
+    q_s = np.take_along_axis(np_softmax(sn / temperature), idx, -1)
+    q_t = np.take_along_axis(np_softmax(tn / temperature), idx, -1)
+    q_s, q_t = q_s / q_s.sum(-1, keepdims=True), q_t / q_t.sum(-1, keepdims=True)
+    close(out, (q_s * np.log(q_s / q_t)).sum(-1))
+    out.sum().backward()
+    assert torch.isfinite(s.grad).all()
+
+
+# ------------------------------------------------------ TOPD-style weighting
+
+# Threshold 1, window 2. Row 0: a persistent drift at 1..3 (1 and 2 are
+# divergent; 3 is not: its next two are low) and a lone spike at 6 followed by
+# one low value (not divergent). Row 1: a lone spike at 1 (not divergent), a
+# drift at 4..5 whose only valid follower of 4 is 5 (divergent), 5 is followed
+# only by masked positions (does not persist), and a masked tail at 6..7 whose
+# large values must be ignored.
+PER_TOKEN = [
+    [0.2, 3.0, 2.0, 2.5, 0.1, 0.2, 5.0, 0.1],
+    [0.5, 4.0, 0.1, 0.2, 2.0, 3.0, 9.0, float("nan")],
+]
+MASK = [[True] * 8, [True] * 6 + [False] * 2]
+EXPECTED_DIVERGENT = [
+    [False, True, True, False, False, False, False, False],
+    [False, False, False, False, True, False, False, False],
+]
+
+
+def test_persistent_divergence_mask_hand_example():
+    per_token, mask = torch.tensor(PER_TOKEN), torch.tensor(MASK)
+    out = persistent_divergence_mask(per_token, mask, threshold=1.0, window=2)
+    assert out.dtype == torch.bool
+    assert out.tolist() == EXPECTED_DIVERGENT
+    # One sequence without a batch dim, and a 0/1 integer mask.
+    row = persistent_divergence_mask(per_token[0], mask[0].long(), threshold=1.0, window=2)
+    assert row.tolist() == EXPECTED_DIVERGENT[0]
+
+
+def loop_persistent(per_token, mask, threshold, window):
+    """Direct loop over positions and their windows, float64."""
+    per_token, mask = np.asarray(per_token, np.float64), np.asarray(mask, bool)
+    out = np.zeros(per_token.shape, bool)
+    for b in range(per_token.shape[0]):
+        for t in range(per_token.shape[1]):
+            future = [per_token[b, u] for u in range(t + 1, t + window + 1) if u < per_token.shape[1] and mask[b, u]]
+            out[b, t] = mask[b, t] and per_token[b, t] > threshold and bool(future) and np.mean(future) > threshold
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 30])
+def test_persistent_divergence_mask_matches_loop(window):
+    g = torch.Generator().manual_seed(24)
+    per_token = torch.rand(4, 20, generator=g) * 2.5
+    mask = torch.rand(4, 20, generator=g) > 0.25  # holes in the middle too
+    out = persistent_divergence_mask(per_token, mask, threshold=1.0, window=window)
+    ref = loop_persistent(per_token.numpy(), mask.numpy(), 1.0, window)
+    assert ref.any() and (out.numpy() == ref).all()
+
+
+def test_near_future_weights_hand_example():
+    # Window 2, discount 0.5: each divergent t adds 1, 0.5, 0.25 at t, t+1, t+2.
+    divergent = torch.tensor(
+        [
+            [False, True, True, False, False, False, True, False],
+            [True, False, False, False, False, True, False, True],  # 7 is masked
+        ]
+    )
+    mask = torch.tensor([[True] * 8, [True] * 6 + [False] * 2])
+    expected = [
+        # 1 -> 1, .5, .25 at 1..3; 2 -> 1, .5, .25 at 2..4 (overlap adds); 6 -> 1, .5 at 6..7.
+        [0.0, 1.0, 1.5, 0.75, 0.25, 0.0, 1.0, 0.5],
+        # 0 -> 1, .5, .25 at 0..2; 5 -> 1 at 5, masked 6; the flag at masked 7 is ignored.
+        [1.0, 0.5, 0.25, 0.0, 0.0, 1.0, 0.0, 0.0],
+    ]
+    out = near_future_weights(divergent, mask, window=2, discount=0.5)
+    assert out.dtype == torch.float32
+    close(out, expected, atol=0)
+    close(near_future_weights(divergent[0], mask[0], window=2, discount=0.5), expected[0], atol=0)
+
+
+def test_topd_token_loss_value_and_gradient():
+    per_token = torch.tensor(PER_TOKEN, requires_grad=True)
+    mask = torch.tensor(MASK)
+    # Divergent states (EXPECTED_DIVERGENT) spread with window 2, discount 0.5.
+    weights = [
+        [0.0, 1.0, 1.5, 0.75, 0.25, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0],
+    ]
+    out = topd_token_loss(per_token, mask, threshold=1.0, window=2, discount=0.5)
+    assert out.dtype == torch.float32
+    # The masked NaN must not leak into the loss or its gradient.
+    expected = np.nan_to_num(np.asarray(PER_TOKEN)) * np.asarray(weights)
+    close(out, expected)
+    out.sum().backward()
+    close(per_token.grad, weights, atol=0)
+
+
+def test_new_losses_invalid_arguments_raise():
+    s, t = logits_pair(2, 10)
+    per_token, mask = torch.tensor(PER_TOKEN), torch.tensor(MASK)
+    for clip in (0.0, -0.1):
+        with pytest.raises(ValueError, match="clip"):
+            kl_token_clip(per_token, clip=clip)
+        with pytest.raises(ValueError, match="clip"):
+            pointwise_clipped_divergence(s, t, clip=clip)
+    with pytest.raises(ValueError, match="beta"):
+        pointwise_clipped_divergence(s, t, beta=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        pointwise_clipped_divergence(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match="k must"):
+        topk_reverse_kl(s, t, k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        topk_reverse_kl(s, t, temperature=-1.0)
+    with pytest.raises(ValueError, match="window"):
+        topd_token_loss(per_token, mask, window=0)
+    for discount in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="discount"):
+            topd_token_loss(per_token, mask, discount=discount)
+        with pytest.raises(ValueError, match="discount"):
+            near_future_weights(mask, mask, window=2, discount=discount)
+    with pytest.raises(ValueError, match="threshold"):
+        topd_token_loss(per_token, mask, threshold=-0.1)
+    with pytest.raises(ValueError, match="window"):
+        persistent_divergence_mask(per_token, mask, threshold=1.0, window=0)
+    with pytest.raises(ValueError, match="mask"):
+        persistent_divergence_mask(per_token, mask[:, :-1], threshold=1.0, window=2)
+    with pytest.raises(ValueError, match="mask"):
+        near_future_weights(mask, mask[0], window=2)
