@@ -10,8 +10,9 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from trd_lightning.data import prompts
-from trd_lightning.data.datamodule import OnPolicyDataModule, ResumableSampler
+from trd_lightning import prompts
+from trd_lightning.data.datamodule import OnPolicyDataModule
+from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import load_rows
 from trd_lightning.hf import load_tokenizer
 from trd_lightning.rollout.assemble import concat_left_padded, pad_left, response_rows

@@ -13,7 +13,7 @@ import yaml
 from trd_lightning.data.demo import build as demo_build
 from trd_lightning.data.demo import world
 from trd_lightning.data.demo.task import TEMPLATES, Problem, flawed_solution, sample_problem
-from trd_lightning.data.prompts import render, to_prompt_ids
+from trd_lightning.prompts import render, to_prompt_ids
 from trd_lightning.hf import load_causal_lm, load_tokenizer
 from trd_lightning.verify import is_correct
 

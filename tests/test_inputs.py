@@ -9,7 +9,7 @@ import pytest
 from helpers import make_run
 
 from trd_lightning import DistillationModule, OnPolicyDataModule
-from trd_lightning.data.prompts import STUDENT_TEMPLATE
+from trd_lightning.prompts import STUDENT_TEMPLATE
 
 # The tiny models of conftest.py have this many positions.
 POSITIONS = 512

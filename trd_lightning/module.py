@@ -17,7 +17,16 @@ from trd_lightning.hf import last_hidden, load_causal_lm, load_config, output_he
 from trd_lightning.lora import LoraOptions, apply_lora
 from trd_lightning.optim import warmup_cosine
 from trd_lightning.rollout.assemble import response_rows
-from trd_lightning.teacher import SharedWeights, TeacherKind, ema_update, freeze, frozen_copy, needs_copy, scoring_model
+from trd_lightning.teacher import (
+    SharedWeights,
+    TeacherKind,
+    ema_update,
+    freeze,
+    frozen_copy,
+    needs_copy,
+    refining_model,
+    scoring_model,
+)
 from trd_lightning.verify import is_correct
 
 LossName = Literal["jsd", "topk", "sampled_token"]
@@ -105,7 +114,7 @@ class DistillationModule(L.LightningModule):
         self.teacher: torch.nn.Module | None = None
         self.val_accuracy = MeanMetric()
         self.val_length = MeanMetric()
-        self._rollout_seconds = 0.0
+        self._produce_seconds = 0.0
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -140,10 +149,18 @@ class DistillationModule(L.LightningModule):
     def needs_behavior_logprobs(self) -> bool:
         return self.hparams.loss == "sampled_token"
 
+    def scorer(self):
+        """Context manager giving the model that scores as teacher."""
+        return scoring_model(self.student, self.teacher, self.hparams.teacher_kind, self.hparams.shared_weights)
+
+    def refiner(self):
+        """Context manager giving the model that rewrites rollouts (TRD)."""
+        return refining_model(self.student, self.teacher, self.hparams.teacher_kind, self.hparams.shared_weights)
+
     # -------------------------------------------------------------- training
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         stats = self.trainer.datamodule.produce(batch, self)
-        self._rollout_seconds = stats["perf/rollout_seconds"]
+        self._produce_seconds = stats["perf/rollout_seconds"] + stats.get("perf/refine_seconds", 0.0)
         self.log_dict(stats, batch_size=len(batch["response_ids"]))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -182,7 +199,7 @@ class DistillationModule(L.LightningModule):
         response_mask = batch["response_mask"][part]
         hidden = last_hidden(self.student, batch["student_ids"][part], batch["student_mask"][part])
         student_rows = response_rows(hidden, batch["student_ids"].shape[1] - response_mask.shape[1], response_mask)
-        with torch.no_grad(), scoring_model(self.student, self.teacher, hp.teacher_kind, hp.shared_weights) as scorer:
+        with torch.no_grad(), self.scorer() as scorer:
             t_hidden = last_hidden(scorer, batch["teacher_ids"][part], batch["teacher_mask"][part])
             teacher_rows = response_rows(t_hidden, batch["teacher_ids"].shape[1] - response_mask.shape[1], response_mask)
             teacher_head = output_head(scorer)
@@ -207,7 +224,7 @@ class DistillationModule(L.LightningModule):
 
     def _log_step(self, loss, token_losses: torch.Tensor, total: torch.Tensor, grad_norm, seconds: float) -> None:
         n = max(token_losses.numel(), 1)
-        step_seconds = seconds + self._rollout_seconds
+        step_seconds = seconds + self._produce_seconds
         metrics = {
             "train/loss": loss,
             "train/token_loss_max": token_losses.max() if token_losses.numel() else 0.0,
@@ -215,7 +232,7 @@ class DistillationModule(L.LightningModule):
             "train/response_tokens": total,
             "train/lr": self.lr_schedulers().get_last_lr()[0],
             "perf/train_seconds": seconds,
-            "perf/rollout_fraction": self._rollout_seconds / max(step_seconds, 1e-9),
+            "perf/rollout_fraction": self._produce_seconds / max(step_seconds, 1e-9),
             "perf/response_tokens_per_sec": total / max(step_seconds, 1e-9),
         }
         if grad_norm is not None:
@@ -227,7 +244,8 @@ class DistillationModule(L.LightningModule):
         data = self.trainer.datamodule
         k = data.hparams.val_samples
         seed = data.hparams.seed * 7919 + batch_idx * self.trainer.world_size + self.trainer.global_rank
-        out = data.rollout(self.student, batch, data.val_sampling, k, seed)
+        ids, mask = batch["prompt_ids"].repeat_interleave(k, 0), batch["prompt_mask"].repeat_interleave(k, 0)
+        out = data.sample(self.student, ids, mask, data.val_sampling, seed)
         texts = data.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
         answers = [a for a in batch["answer"] for _ in range(k)]
         self.val_length.update(out.mask.sum(-1).float())

@@ -60,3 +60,12 @@ def scoring_model(student: nn.Module, teacher: nn.Module | None, kind: TeacherKi
             yield student
     else:
         yield teacher
+
+
+def refining_model(student: nn.Module, teacher: nn.Module | None, kind: TeacherKind, weights: SharedWeights):
+    """The model that rewrites rollouts in TRD, as a context manager.
+
+    OPD refines with the frozen teacher. OPSD refines with the initial student (adapter off, or the frozen
+    copy); a ``live`` or ``ema`` self-teacher without LoRA keeps no initial weights and refines as it scores.
+    """
+    return scoring_model(student, teacher, kind, "initial" if kind == "shared" and is_peft(student) else weights)

@@ -7,28 +7,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from trd_lightning.data import prompts
+from trd_lightning import prompts
 from trd_lightning.data.demo.world import resolve
+from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.hf import load_tokenizer
-from trd_lightning.rollout.assemble import concat_left_padded, pad_left
-from trd_lightning.rollout.generation import SamplingConfig, sample
+from trd_lightning.rollout.assemble import concat_left_padded, pad_left, unpad_left
+from trd_lightning.rollout.generation import Rollouts, SamplingConfig, sample
+from trd_lightning.rollout.refiner import Refiner
 from trd_lightning.verify import is_correct
-
-
-class ResumableSampler(DistributedSampler):
-    """A distributed sampler that can start its next epoch part-way through, where a checkpoint left it."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def __iter__(self):
-        indices = list(super().__iter__())[self.skip :]
-        self.skip = 0
-        return iter(indices)
 
 
 class OnPolicyDataModule(L.LightningDataModule):
@@ -67,6 +56,19 @@ class OnPolicyDataModule(L.LightningDataModule):
         val_samples: responses sampled per validation prompt.
         val_temperature: validation sampling temperature (0 is greedy).
         max_val_prompts: use at most this many validation prompts.
+        refine: Trajectory-Refined Distillation: the refiner (the teacher for OPD, the initial student shown
+            the reference for OPSD) rewrites the student's rollouts and the student learns the rewrites. How
+            many and which are refined is set by the ``RefinementScheduler`` callback (default: all).
+        refine_template: the refine prompt, with ``{problem}``, ``{initial}`` and (OPSD) ``{solution}`` slots;
+            None picks the default for the teacher context and ``refine_task``.
+        refine_task: ``math`` or ``code``: which default refine prompt to use.
+        refine_teacher_context: score ``y_r`` after the refine prompt (``refine``, the authors' choice) or after
+            the original teacher context (``original``).
+        max_refine_prompt_length: the refine prompt's budget; the attempt's tail is cut first, then the reference's.
+        refine_max_new_tokens: the longest rewrite (defaults to ``max_new_tokens``).
+        refine_temperature: the refiner's sampling temperature (0 is greedy).
+        refine_top_p: the refiner's nucleus sampling mass.
+        refine_top_k: the refiner's top-k sampling (0 turns it off).
         seed: seed of the data order and of the rollouts (each step's rollout is seeded from it and the step).
         num_workers: DataLoader worker processes.
     """
@@ -99,6 +101,15 @@ class OnPolicyDataModule(L.LightningDataModule):
         val_samples: int = 1,
         val_temperature: float = 0.0,
         max_val_prompts: int | None = None,
+        refine: bool = False,
+        refine_template: str | None = None,
+        refine_task: Literal["math", "code"] = "math",
+        refine_teacher_context: Literal["refine", "original"] = "refine",
+        max_refine_prompt_length: int = 2048,
+        refine_max_new_tokens: int | None = None,
+        refine_temperature: float = 0.6,
+        refine_top_p: float = 0.95,
+        refine_top_k: int = 20,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -117,6 +128,14 @@ class OnPolicyDataModule(L.LightningDataModule):
             prompts.check_template(privileged_template, {"problem", "solution"}, "privileged")
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
         self.val_sampling = SamplingConfig(max_new_tokens, val_temperature, top_p, top_k)
+        self.refine_sampling = SamplingConfig(
+            refine_max_new_tokens or max_new_tokens, refine_temperature, refine_top_p, refine_top_k
+        )
+        self.refine_template = refine_template or prompts.REFINE_TEMPLATES[(teacher_context, refine_task)]
+        if refine:
+            slots = {"problem", "initial"} | ({"solution"} if teacher_context == "privileged" else set())
+            prompts.check_template(self.refine_template, slots, "refine")
+        self.refiner: Refiner | None = None
         self.tokenizer = None
         self.train_rows: list[dict] | None = None
         self.val_rows: list[dict] | None = None
@@ -125,8 +144,14 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str) -> None:
+        hp = self.hparams
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(resolve(self.hparams.tokenizer))
+            self.tokenizer = load_tokenizer(resolve(hp.tokenizer))
+        if hp.refine and self.refiner is None:
+            self.refiner = Refiner(
+                self.tokenizer, self.refine_template, hp.max_refine_prompt_length, self.refine_sampling,
+                hp.refine_teacher_context, hp.use_chat_template, hp.chat_template_kwargs,
+            )
         if stage == "fit" and self.train_rows is None:
             self.train_rows = self._prepare(self.hparams.train_data, self.hparams.train_split)
         if stage in ("fit", "validate") and self.val_rows is None and self.hparams.val_split is not None:
@@ -211,14 +236,13 @@ class OnPolicyDataModule(L.LightningDataModule):
     def eos_ids(self) -> list[int]:
         return [self.tokenizer.eos_token_id]
 
-    def rollout(self, model, batch: dict, sampling: SamplingConfig, repeats: int, seed: int, with_logprobs: bool = False):
-        """Sample ``repeats`` responses per prompt of ``batch`` from ``model``, seeded by ``seed``.
+    def sample(self, model, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, seed: int,
+               with_logprobs: bool = False) -> Rollouts:
+        """One response per left-padded prompt row from ``model``, seeded by ``seed``.
 
         The seed makes a step's rollout independent of what ran before it, so a resumed run samples the
         same responses the uninterrupted run would have.
         """
-        ids = batch["prompt_ids"].repeat_interleave(repeats, 0)
-        mask = batch["prompt_mask"].repeat_interleave(repeats, 0)
         devices = [ids.device] if ids.device.type == "cuda" else []
         was_training = model.training
         model.eval()
@@ -239,43 +263,48 @@ class OnPolicyDataModule(L.LightningDataModule):
 
         Writes ``student_ids/student_mask`` (prompt + response), ``teacher_ids/teacher_mask`` (teacher context
         + the same response), ``response_ids/response_mask``, ``behavior_logprobs`` (when the loss needs
-        them) and ``num_response_tokens``, the response-token count of the whole step on all ranks.
+        them), ``num_response_tokens`` (the response-token count of the whole step on all ranks) and, per
+        rollout, ``rollout_text`` and ``refined_text`` (None where it was not refined).
         """
         trainer = module.trainer
         self._count_batch(trainer.current_epoch)
         repeats = self.hparams.num_generations
         seed = self.hparams.seed * 1_000_003 + trainer.global_step * trainer.world_size + trainer.global_rank
+        prompt_ids = batch["prompt_ids"].repeat_interleave(repeats, 0)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(repeats, 0)
         start = time.perf_counter()
-        out = self.rollout(module.student, batch, self.sampling, repeats, seed, module.needs_behavior_logprobs)
-        elapsed = time.perf_counter() - start
+        out = self.sample(module.student, prompt_ids, prompt_mask, self.sampling, seed, module.needs_behavior_logprobs)
+        rollout_seconds = time.perf_counter() - start
 
-        student_ids, student_mask = concat_left_padded(
-            batch["prompt_ids"].repeat_interleave(repeats, 0), batch["prompt_mask"].repeat_interleave(repeats, 0),
-            out.ids, out.mask,
-        )
-        teacher_ids, teacher_mask = concat_left_padded(
-            batch["teacher_prompt_ids"].repeat_interleave(repeats, 0),
-            batch["teacher_prompt_mask"].repeat_interleave(repeats, 0),
-            out.ids, out.mask,
-        )
-        local_tokens = out.mask.sum()
+        rows = [
+            {"problem": p, "solution": s, "answer": a}
+            for p, s, a in zip(batch["problem"], batch["solution"], batch["answer"])
+            for _ in range(repeats)
+        ]
+        texts = self.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
+        correct = None
+        if all(r["answer"] is not None for r in rows):
+            correct = [is_correct(t, r["answer"]) for t, r in zip(texts, rows)]
+        contexts = unpad_left(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
+        contexts = [c for c in contexts for _ in range(repeats)]
+        stats = _rollout_stats(out, correct, rollout_seconds)
+
+        response, refined_texts = out, [None] * len(texts)
+        if self.refiner is not None:
+            start = time.perf_counter()
+            result = self.refiner.refine(module, self.sample, prompt_ids, prompt_mask, out, texts, rows, correct, contexts, seed)
+            response, contexts, refined_texts = result.response, result.teacher_contexts, result.refined_texts
+            stats.update(result.stats, **{"perf/refine_seconds": time.perf_counter() - start})
+
+        student_ids, student_mask = concat_left_padded(prompt_ids, prompt_mask, response.ids, response.mask)
+        t_ids, t_mask = (t.to(prompt_ids.device) for t in pad_left(contexts, self.tokenizer.pad_token_id))
+        teacher_ids, teacher_mask = concat_left_padded(t_ids, t_mask, response.ids, response.mask)
         batch.update(
             student_ids=student_ids, student_mask=student_mask, teacher_ids=teacher_ids, teacher_mask=teacher_mask,
-            response_ids=out.ids, response_mask=out.mask, behavior_logprobs=out.behavior_logprobs,
-            num_response_tokens=trainer.strategy.reduce(local_tokens.float(), reduce_op="sum"),
+            response_ids=response.ids, response_mask=response.mask, behavior_logprobs=response.behavior_logprobs,
+            num_response_tokens=trainer.strategy.reduce(response.mask.sum().float(), reduce_op="sum"),
+            rollout_text=texts, refined_text=refined_texts,
         )
-        lengths = out.mask.sum(-1).float()
-        stats = {
-            "rollout/response_length": lengths.mean().item(),
-            "rollout/response_length_max": lengths.max().item(),
-            "rollout/truncated_frac": out.truncated.float().mean().item(),
-            "perf/rollout_seconds": elapsed,
-            "perf/rollout_tokens_per_sec": local_tokens.item() / max(elapsed, 1e-9),
-        }
-        answers = [a for a in batch["answer"] for _ in range(repeats)]
-        if all(a is not None for a in answers):
-            texts = self.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
-            stats["rollout/accuracy"] = sum(map(is_correct, texts, answers)) / len(texts)
         return stats
 
     # ------------------------------------------------------------ resumption
@@ -291,3 +320,17 @@ class OnPolicyDataModule(L.LightningDataModule):
         self._epoch, self._consumed = state["epoch"], state["consumed_batches"]
         # The next train_dataloader starts this epoch's order where the checkpoint left it.
         self._skip = self._consumed * self.hparams.batch_size
+
+
+def _rollout_stats(out: Rollouts, correct: list[bool] | None, seconds: float) -> dict[str, float]:
+    lengths = out.mask.sum(-1).float()
+    stats = {
+        "rollout/response_length": lengths.mean().item(),
+        "rollout/response_length_max": lengths.max().item(),
+        "rollout/truncated_frac": out.truncated.float().mean().item(),
+        "perf/rollout_seconds": seconds,
+        "perf/rollout_tokens_per_sec": lengths.sum().item() / max(seconds, 1e-9),
+    }
+    if correct is not None:
+        stats["rollout/accuracy"] = sum(correct) / len(correct)
+    return stats

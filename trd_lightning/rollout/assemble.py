@@ -41,3 +41,23 @@ def response_rows(hidden: torch.Tensor, prompt_width: int, response_mask: torch.
     """
     length = response_mask.shape[1]
     return hidden[:, prompt_width - 1 : prompt_width - 1 + length][response_mask.bool()]
+
+
+def pad_right(t: torch.Tensor, width: int, value) -> torch.Tensor:
+    """Right-pad the last dimension of ``t`` to ``width`` with ``value``."""
+    if t.shape[-1] >= width:
+        return t
+    return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
+
+
+def replace_rows(base: torch.Tensor, new: torch.Tensor, rows: list[int], pad_value) -> torch.Tensor:
+    """``base`` with ``rows`` replaced by the rows of ``new``, both right-padded to a common width."""
+    width = max(base.shape[-1], new.shape[-1])
+    out = pad_right(base, width, pad_value).clone()
+    out[rows] = pad_right(new, width, pad_value).to(out.dtype)
+    return out
+
+
+def unpad_left(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """The token id lists of a left-padded matrix."""
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]

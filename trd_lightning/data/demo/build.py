@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, Qwen3Config
 
-from trd_lightning.data import prompts
+from trd_lightning import prompts
 from trd_lightning.data.demo.task import TEMPLATES, Problem, flawed_solution, sample_problem
 from trd_lightning.data.demo.tokenizer import build_tokenizer
 
@@ -47,8 +47,8 @@ TEACHER = ModelSpec(
     formats=(("student", 0.6), ("refine_opd", 0.4)),
 )
 STUDENT = ModelSpec(
-    hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=192, steps=400, lr=3e-3,
-    formats=(("student", 0.5), ("privileged", 0.25), ("refine_opsd", 0.25)),
+    hidden_size=128, layers=2, heads=4, kv_heads=2, intermediate_size=384, steps=600, lr=3e-3,
+    formats=(("student", 0.3), ("privileged", 0.35), ("refine_opsd", 0.35)),
 )
 MAX_POSITIONS = 512
 

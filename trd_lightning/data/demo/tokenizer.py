@@ -11,7 +11,7 @@ import random
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from trd_lightning.data import prompts
+from trd_lightning import prompts
 from trd_lightning.data.demo.task import TEMPLATES, flawed_solution, sample_problem
 
 PAD, START, END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

@@ -41,6 +41,36 @@ REFINE_OPSD_TEMPLATE = (
     "4. Output only the rewritten solution, and put your final answer within \\boxed{}."
 )
 
+REFINE_OPD_CODE_TEMPLATE = (
+    "Rewrite your solution to the programming problem below.\n\n"
+    "**Problem:**\n{problem}\n\n"
+    "**Your Initial Solution:**\n{initial}\n\n"
+    "**Instructions:**\n"
+    "1. Keep the useful parts of your initial approach.\n"
+    "2. Fix every correctness problem, including the edge cases it misses.\n"
+    "3. Output only the rewritten solution, as Python code in a single ```python block."
+)
+
+REFINE_OPSD_CODE_TEMPLATE = (
+    "Rewrite your solution to the programming problem below.\n\n"
+    "**Problem:**\n{problem}\n\n"
+    "**Reference Solution:**\n{solution}\n\n"
+    "**Your Initial Solution:**\n{initial}\n\n"
+    "**Instructions:**\n"
+    "1. Read the reference solution and understand its approach.\n"
+    "2. Fix every correctness problem of your solution, including the edge cases it misses.\n"
+    "3. Keep the useful parts of your initial approach where they fit.\n"
+    "4. Output only the rewritten solution, as Python code in a single ```python block."
+)
+
+# (teacher context, task) -> the refine template a TRD run uses unless one is given.
+REFINE_TEMPLATES = {
+    ("prompt", "math"): REFINE_OPD_TEMPLATE,
+    ("privileged", "math"): REFINE_OPSD_TEMPLATE,
+    ("prompt", "code"): REFINE_OPD_CODE_TEMPLATE,
+    ("privileged", "code"): REFINE_OPSD_CODE_TEMPLATE,
+}
+
 TRUNCATION_MARKER = "\n[... truncated ...]\n"
 
 _SLOT = re.compile(r"\{(problem|solution|initial)\}")
