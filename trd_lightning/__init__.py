@@ -1,10 +1,19 @@
 """trd-lightning: on-policy distillation (OPD, OPSD) and Trajectory-Refined Distillation on PyTorch Lightning."""
 
-from trd_lightning.callbacks import ExportStudent, RolloutSamples, ValidateAtStart
+from trd_lightning.callbacks import ExportStudent, RefinementScheduler, RolloutSamples, ValidateAtStart
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.lora import LoraOptions
 from trd_lightning.module import DistillationModule
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillationModule", "ExportStudent", "LoraOptions", "OnPolicyDataModule", "RolloutSamples", "ValidateAtStart", "__version__"]
+__all__ = [
+    "DistillationModule",
+    "ExportStudent",
+    "LoraOptions",
+    "OnPolicyDataModule",
+    "RefinementScheduler",
+    "RolloutSamples",
+    "ValidateAtStart",
+    "__version__",
+]

@@ -299,6 +299,9 @@ class OnPolicyDataModule(L.LightningDataModule):
         student_ids, student_mask = concat_left_padded(prompt_ids, prompt_mask, response.ids, response.mask)
         t_ids, t_mask = (t.to(prompt_ids.device) for t in pad_left(contexts, self.tokenizer.pad_token_id))
         teacher_ids, teacher_mask = concat_left_padded(t_ids, t_mask, response.ids, response.mask)
+        width = response.ids.shape[1]
+        if not torch.equal(student_ids[:, -width:], teacher_ids[:, -width:]):
+            raise RuntimeError("The student and teacher sequences must end in identical response ids.")
         batch.update(
             student_ids=student_ids, student_mask=student_mask, teacher_ids=teacher_ids, teacher_mask=teacher_mask,
             response_ids=response.ids, response_mask=response.mask, behavior_logprobs=response.behavior_logprobs,
