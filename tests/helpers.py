@@ -31,6 +31,7 @@ def make_run(tiny: dict, root, model: dict | None = None, data: dict | None = No
     model_kw = {"student": tiny["student"], "teacher": tiny["teacher"], "micro_batch_size": 4, "lr": 1e-3,
                 "warmup_ratio": 0.0, **(model or {})}
     data_kw = {"train_data": tiny["train"], "val_split": None, "batch_size": 4, "max_new_tokens": 12,
+               "max_refine_prompt_length": 400,
                "tokenizer": model_kw["student"], **(data or {})}
     trainer = L.Trainer(
         accelerator="cpu", devices=1, default_root_dir=str(root), enable_progress_bar=False,

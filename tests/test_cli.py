@@ -21,6 +21,7 @@ ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strateg
 def test_there_are_configs():
     names = {p.name for p in CONFIGS}
     assert {"demo.yaml", "demo_opsd.yaml", "qwen3_opd.yaml", "qwen3_opsd.yaml"} <= names
+    assert {"demo_trd.yaml", "demo_trd_opsd.yaml", "qwen3_trd_opd.yaml", "qwen3_trd_opsd.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

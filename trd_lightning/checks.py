@@ -34,3 +34,11 @@ def check_against_data(model: Mapping[str, Any], data: Mapping[str, Any], longes
             f"exceeds the student's {positions} positions: lower data.max_new_tokens, "
             "data.max_prompt_length or data.max_teacher_prompt_length."
         )
+    if data.get("refine") and positions is not None:
+        refine_tokens = data["max_refine_prompt_length"] + (data["refine_max_new_tokens"] or data["max_new_tokens"])
+        if refine_tokens > positions:
+            raise ValueError(
+                f"data.max_refine_prompt_length={data['max_refine_prompt_length']} plus the refiner's new tokens "
+                f"({refine_tokens} in all) exceeds the student's {positions} positions: lower "
+                "data.max_refine_prompt_length or data.refine_max_new_tokens."
+            )

@@ -3,11 +3,17 @@
     trd fit --config configs/demo.yaml
     trd validate --config configs/demo.yaml --ckpt_path runs/.../last.ckpt
     trd fit --config configs/demo.yaml --print_config
+    trd refine --config configs/demo_trd.yaml --output runs/refined
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from trd_lightning.offline import write_refinement_round
 
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.module import DistillationModule
@@ -30,8 +36,15 @@ class TRDCLI(LightningCLI):
         parser.link_arguments("model.student", "data.tokenizer", apply_on="parse")
 
 
-def main(args=None, run: bool = True) -> TRDCLI:
-    """Entry point of ``trd`` and ``python -m trd_lightning``; ``run=False`` only parses and instantiates."""
+def main(args=None, run: bool = True):
+    """Entry point of ``trd`` and ``python -m trd_lightning``; ``run=False`` only parses and instantiates.
+
+    ``trd refine`` writes an offline refinement round (see ``trd_lightning.offline``); every other subcommand
+    is LightningCLI's.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["refine"]:
+        return refine(argv[1:])
     return TRDCLI(
         DistillationModule,
         OnPolicyDataModule,
@@ -40,6 +53,16 @@ def main(args=None, run: bool = True) -> TRDCLI:
         args=args,
         run=run,
     )
+
+
+def refine(argv: list[str]):
+    """``trd refine --config ... --output DIR [--device cuda]``: the other arguments are the usual config options."""
+    parser = argparse.ArgumentParser(prog="trd refine", description="Write one offline TRD refinement round.")
+    parser.add_argument("--output", required=True, help="folder of the refined dataset (parquet shards)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    known, rest = parser.parse_known_args(argv)
+    cli = main(rest, run=False)
+    return write_refinement_round(cli.model, cli.datamodule, known.output, known.device)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ class OnPolicyDataModule(L.LightningDataModule):
         refine_temperature: the refiner's sampling temperature (0 is greedy).
         refine_top_p: the refiner's nucleus sampling mass.
         refine_top_k: the refiner's top-k sampling (0 turns it off).
+        offline_data: train on a refinement round written by ``trd refine`` (a folder of shards) instead of
+            generating: the student learns each row's ``y_r``, scored after the refine prompt of its ``y_o``.
         seed: seed of the data order and of the rollouts (each step's rollout is seeded from it and the step).
         num_workers: DataLoader worker processes.
     """
@@ -110,6 +112,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         refine_temperature: float = 0.6,
         refine_top_p: float = 0.95,
         refine_top_k: int = 20,
+        offline_data: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -124,6 +127,11 @@ class OnPolicyDataModule(L.LightningDataModule):
                 "is None: set data.solution_column to the dataset's reference-solution column."
             )
         prompts.check_template(student_template, {"problem"}, "student")
+        if offline_data and not (refine and num_generations == 1):
+            raise ValueError(
+                "data.offline_data trains on a written refinement round: set data.refine: true (for the refine "
+                "prompt) and data.num_generations: 1."
+            )
         if teacher_context == "privileged":
             prompts.check_template(privileged_template, {"problem", "solution"}, "privileged")
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
@@ -153,24 +161,32 @@ class OnPolicyDataModule(L.LightningDataModule):
                 hp.refine_teacher_context, hp.use_chat_template, hp.chat_template_kwargs,
             )
         if stage == "fit" and self.train_rows is None:
-            self.train_rows = self._prepare(self.hparams.train_data, self.hparams.train_split)
+            if hp.offline_data:
+                self.train_rows = self._prepare(hp.offline_data, "train", offline=True)
+            else:
+                self.train_rows = self._prepare(hp.train_data, hp.train_split)
         if stage in ("fit", "validate") and self.val_rows is None and self.hparams.val_split is not None:
             rows = self._prepare(self.hparams.val_data or self.hparams.train_data, self.hparams.val_split)
             self.val_rows = rows[: self.hparams.max_val_prompts]
 
-    def _prepare(self, source: str, split: str) -> list[dict]:
-        """Load, check and tokenize one split; rows whose problem alone is too long are dropped."""
+    def _prepare(self, source: str, split: str, offline: bool = False) -> list[dict]:
+        """Load, check and tokenize one split; rows whose problem alone is too long are dropped.
+
+        An offline refinement round has fixed column names, ``y_o`` and ``y_r`` among them.
+        """
         hp = self.hparams
-        dataset = load_rows(source, split, hp.subset)
+        dataset = load_rows(source, split, None if offline else hp.subset)
         columns = {"problem": hp.problem_column, "solution": hp.solution_column, "answer": hp.answer_column}
-        if hp.teacher_context != "privileged":
+        if offline:
+            columns = {"problem": "problem", "solution": "solution", "answer": "answer", "y_o": "y_o", "y_r": "y_r"}
+        elif hp.teacher_context != "privileged":
             columns["solution"] = None if hp.solution_column not in dataset.column_names else hp.solution_column
         check_columns(dataset, columns, source)
         if len(dataset) == 0:
             raise ValueError(f"Dataset {source!r} split {split!r} is empty: point the data config at rows to train on.")
         rows, dropped = [], 0
         for i, example in enumerate(dataset):
-            row = {k: (str(example[c]) if c is not None else None) for k, c in columns.items()}
+            row = {k: (None if c is None or example[c] is None else str(example[c])) for k, c in columns.items()}
             ids = self._encode(hp.student_template, row)
             if len(ids) > hp.max_prompt_length:
                 dropped += 1
@@ -229,6 +245,8 @@ class OnPolicyDataModule(L.LightningDataModule):
             "problem": [r["problem"] for r in rows],
             "solution": [r["solution"] for r in rows],
             "answer": [r["answer"] for r in rows],
+            "y_o": [r.get("y_o") for r in rows],
+            "y_r": [r.get("y_r") for r in rows],
         }
 
     # -------------------------------------------------------------- rollouts
@@ -273,7 +291,10 @@ class OnPolicyDataModule(L.LightningDataModule):
         prompt_ids = batch["prompt_ids"].repeat_interleave(repeats, 0)
         prompt_mask = batch["prompt_mask"].repeat_interleave(repeats, 0)
         start = time.perf_counter()
-        out = self.sample(module.student, prompt_ids, prompt_mask, self.sampling, seed, module.needs_behavior_logprobs)
+        if self.hparams.offline_data:
+            out = self._from_text(batch["y_o"], prompt_ids.device)
+        else:
+            out = self.sample(module.student, prompt_ids, prompt_mask, self.sampling, seed, module.needs_behavior_logprobs)
         rollout_seconds = time.perf_counter() - start
 
         rows = [
@@ -281,7 +302,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             for p, s, a in zip(batch["problem"], batch["solution"], batch["answer"])
             for _ in range(repeats)
         ]
-        texts = self.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
+        texts = batch["y_o"] if self.hparams.offline_data else self.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
         correct = None
         if all(r["answer"] is not None for r in rows):
             correct = [is_correct(t, r["answer"]) for t, r in zip(texts, rows)]
@@ -290,7 +311,13 @@ class OnPolicyDataModule(L.LightningDataModule):
         stats = _rollout_stats(out, correct, rollout_seconds)
 
         response, refined_texts = out, [None] * len(texts)
-        if self.refiner is not None:
+        if self.hparams.offline_data:
+            response, refined_texts = self._from_text(batch["y_r"], prompt_ids.device), list(batch["y_r"])
+            contexts = [
+                self.refiner.prompt_ids(r["problem"], r["solution"], t) if self.hparams.refine_teacher_context == "refine" else c
+                for r, t, c in zip(rows, texts, contexts)
+            ]
+        elif self.refiner is not None:
             start = time.perf_counter()
             result = self.refiner.refine(module, self.sample, prompt_ids, prompt_mask, out, texts, rows, correct, contexts, seed)
             response, contexts, refined_texts = result.response, result.teacher_contexts, result.refined_texts
@@ -309,6 +336,19 @@ class OnPolicyDataModule(L.LightningDataModule):
             rollout_text=texts, refined_text=refined_texts,
         )
         return stats
+
+    def _from_text(self, texts: list[str], device) -> Rollouts:
+        """Written responses as rollouts: tokenized, ended with the end token, cut at ``max_new_tokens``."""
+        limit, eos = self.hparams.max_new_tokens, self.tokenizer.eos_token_id
+        lists = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+        truncated = torch.tensor([len(x) > limit for x in lists], device=device)
+        lists = [x[:limit] for x in lists]
+        width = max(len(x) for x in lists)
+        ids = torch.full((len(lists), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, x in enumerate(lists):
+            ids[i, : len(x)] = torch.tensor(x)
+        mask = torch.arange(width)[None, :] < torch.tensor([len(x) for x in lists])[:, None]
+        return Rollouts(ids=ids.to(device), mask=mask.to(device), truncated=truncated)
 
     # ------------------------------------------------------------ resumption
     def _count_batch(self, epoch: int) -> None:
