@@ -49,7 +49,9 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     paths = {
         "student": save_model(root / "student", tokenizer, seed=1, hidden=16, layers=1),
         "teacher": save_model(root / "teacher", tokenizer, seed=2, hidden=32, layers=2),
-        "other_vocab": save_model(root / "other_vocab", tokenizer, seed=3, hidden=16, layers=1, vocab=len(tokenizer) + 64),
+        "other_vocab": save_model(
+            root / "other_vocab", tokenizer, seed=3, hidden=16, layers=1, vocab=len(tokenizer) + 64
+        ),
     }
     for split, (n, seed) in {"train": (64, 0), "validation": (16, 1)}.items():
         file = root / f"{split}.jsonl"

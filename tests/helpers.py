@@ -28,14 +28,32 @@ class Recorder(L.Callback):
 
 def make_run(tiny: dict, root, model: dict | None = None, data: dict | None = None, callbacks=(), **trainer_kw):
     """A (trainer, module, datamodule) triple on the tiny models and data, CPU, no validation by default."""
-    model_kw = {"student": tiny["student"], "teacher": tiny["teacher"], "micro_batch_size": 4, "lr": 1e-3,
-                "warmup_ratio": 0.0, **(model or {})}
-    data_kw = {"train_data": tiny["train"], "val_split": None, "batch_size": 4, "max_new_tokens": 12,
-               "max_refine_prompt_length": 400,
-               "tokenizer": model_kw["student"], **(data or {})}
+    model_kw = {
+        "student": tiny["student"],
+        "teacher": tiny["teacher"],
+        "micro_batch_size": 4,
+        "lr": 1e-3,
+        "warmup_ratio": 0.0,
+        **(model or {}),
+    }
+    data_kw = {
+        "train_data": tiny["train"],
+        "val_split": None,
+        "batch_size": 4,
+        "max_new_tokens": 12,
+        "max_refine_prompt_length": 400,
+        "tokenizer": model_kw["student"],
+        **(data or {}),
+    }
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, default_root_dir=str(root), enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, callbacks=list(callbacks),
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        callbacks=list(callbacks),
         **{"max_steps": 2, "enable_checkpointing": False, "logger": False, **trainer_kw},
     )
     return trainer, DistillationModule(**model_kw), OnPolicyDataModule(**data_kw)

@@ -45,7 +45,10 @@ def test_later_config_overrides_earlier(tmp_path):
 def test_print_config_and_help_run_as_a_program():
     out = subprocess.run(
         [sys.executable, "-m", "trd_lightning", "fit", "--config", "configs/demo.yaml", "--print_config"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        check=True,
     ).stdout
     assert "teacher: trd-demo/teacher" in out and "max_new_tokens" in out
     helped = subprocess.run(
@@ -57,13 +60,26 @@ def test_print_config_and_help_run_as_a_program():
 
 def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
     root = tmp_path / "runs"
-    main([
-        "fit", "--config", str(CONFIGS[0].parent / "demo.yaml"), *ON_CPU,
-        f"--model.student={tiny['student']}", f"--model.teacher={tiny['teacher']}", "--model.micro_batch_size=4",
-        f"--data.train_data={tiny['train']}", f"--data.val_data={tiny['validation']}", "--data.val_split=train",
-        "--data.batch_size=4", "--data.max_new_tokens=12", "--data.val_batch_size=8",
-        "--trainer.max_steps=2", "--trainer.val_check_interval=2", f"--trainer.logger.init_args.save_dir={root}",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS[0].parent / "demo.yaml"),
+            *ON_CPU,
+            f"--model.student={tiny['student']}",
+            f"--model.teacher={tiny['teacher']}",
+            "--model.micro_batch_size=4",
+            f"--data.train_data={tiny['train']}",
+            f"--data.val_data={tiny['validation']}",
+            "--data.val_split=train",
+            "--data.batch_size=4",
+            "--data.max_new_tokens=12",
+            "--data.val_batch_size=8",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            f"--trainer.logger.init_args.save_dir={root}",
+        ]
+    )
     run = next(root.rglob("events.out.tfevents*")).parent
     events = EventAccumulator(str(run))
     events.Reload()
@@ -82,3 +98,29 @@ def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
     # The export is the trained student, not the starting one.
     start = AutoModelForCausalLM.from_pretrained(tiny["student"])
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), start.parameters()))
+
+
+def test_validate_subcommand_logs_avg_and_pass_at_k(tiny, tmp_path):
+    """`trd validate` samples k answers per prompt; pass@k, the chance that one of k is right, is at least avg@k."""
+    cli = main(
+        [
+            "validate",
+            "--config",
+            str(CONFIGS[0].parent / "demo.yaml"),
+            *ON_CPU,
+            f"--model.student={tiny['student']}",
+            f"--model.teacher={tiny['teacher']}",
+            f"--data.train_data={tiny['train']}",
+            f"--data.val_data={tiny['validation']}",
+            "--data.val_split=train",
+            "--data.max_new_tokens=12",
+            "--data.val_samples=4",
+            "--data.val_temperature=1.0",
+            "--data.val_batch_size=8",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    metrics = cli.trainer.callback_metrics
+    assert {"val/accuracy", "val/avg@4", "val/pass@4", "val/response_length"} <= set(metrics)
+    assert float(metrics["val/avg@4"]) == pytest.approx(float(metrics["val/accuracy"]))
+    assert float(metrics["val/pass@4"]) >= float(metrics["val/avg@4"])

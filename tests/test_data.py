@@ -236,7 +236,11 @@ def test_greedy_generate_kwargs():
 
 def test_sampling_generate_kwargs():
     assert SamplingConfig(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5).generate_kwargs() == {
-        "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "max_new_tokens": 7,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 5,
+        "max_new_tokens": 7,
     }
     # top_k 0 means off, which generate spells None.
     assert SamplingConfig(top_k=0).generate_kwargs()["top_k"] is None
@@ -357,8 +361,12 @@ def test_collate_privileged_teacher_prompt_holds_the_solution(tiny, tok, opsd):
 def test_privileged_teacher_prompt_is_cut_to_its_budget(tiny, tok):
     budget = 60
     dm = OnPolicyDataModule(
-        tokenizer=tiny["student"], train_data=tiny["train"], val_split=None, teacher_context="privileged",
-        privileged_template="{problem}\nReference:\n{solution}", max_teacher_prompt_length=budget,
+        tokenizer=tiny["student"],
+        train_data=tiny["train"],
+        val_split=None,
+        teacher_context="privileged",
+        privileged_template="{problem}\nReference:\n{solution}",
+        max_teacher_prompt_length=budget,
     )
     dm.setup("fit")
     full = [len(chat_ids(tok, f"{r['problem']}\nReference:\n{r['solution']}")) for r in read_jsonl(tiny["train"])]

@@ -13,8 +13,8 @@ import yaml
 from trd_lightning.data.demo import build as demo_build
 from trd_lightning.data.demo import world
 from trd_lightning.data.demo.task import TEMPLATES, Problem, flawed_solution, sample_problem
-from trd_lightning.prompts import render, to_prompt_ids
 from trd_lightning.hf import load_causal_lm, load_tokenizer
+from trd_lightning.prompts import render, to_prompt_ids
 from trd_lightning.verify import is_correct
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -74,7 +74,15 @@ def test_unknown_demo_model_is_named():
 def test_build_into_the_cache_is_reproducible(tmp_path, monkeypatch):
     """Without shipped weights the world is built on first use into the cache, atomically; a second build
     with the same seed gives the same weights."""
-    tiny = {"hidden_size": 16, "layers": 1, "heads": 4, "kv_heads": 2, "intermediate_size": 32, "steps": 3, "batch_size": 4}
+    tiny = {
+        "hidden_size": 16,
+        "layers": 1,
+        "heads": 4,
+        "kv_heads": 2,
+        "intermediate_size": 32,
+        "steps": 3,
+        "batch_size": 4,
+    }
     monkeypatch.setattr(demo_build, "TEACHER", dataclasses.replace(demo_build.TEACHER, **tiny))
     monkeypatch.setattr(demo_build, "STUDENT", dataclasses.replace(demo_build.STUDENT, **tiny))
     monkeypatch.setattr(demo_build, "accuracy", lambda *a, **k: 0.0)

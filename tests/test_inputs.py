@@ -112,10 +112,13 @@ def longest_student_prompt(tiny) -> int:
 
     tok = load_tokenizer(tiny["student"])
     return max(
-        len(tok.apply_chat_template(
-            [{"role": "user", "content": STUDENT_TEMPLATE.replace("{problem}", row["problem"])}],
-            add_generation_prompt=True, tokenize=True,
-        )["input_ids"])
+        len(
+            tok.apply_chat_template(
+                [{"role": "user", "content": STUDENT_TEMPLATE.replace("{problem}", row["problem"])}],
+                add_generation_prompt=True,
+                tokenize=True,
+            )["input_ids"]
+        )
         for row in read_jsonl(tiny["train"])
     )
 
@@ -157,8 +160,12 @@ def test_privileged_context_on_a_file_without_solutions(tiny, tmp_path):
     rows = [{"problem": r["problem"], "answer": r["answer"]} for r in read_jsonl(tiny["train"])[:8]]
     file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(ValueError, match=r"solution_column='solution'.*set the column names"):
-        fit(tiny, tmp_path, model={"teacher": None, "teacher_kind": "shared"},
-            data={"train_data": str(file), "teacher_context": "privileged"})
+        fit(
+            tiny,
+            tmp_path,
+            model={"teacher": None, "teacher_kind": "shared"},
+            data={"train_data": str(file), "teacher_context": "privileged"},
+        )
 
 
 def test_prompt_context_on_a_file_without_solutions_is_accepted(tiny, tmp_path):

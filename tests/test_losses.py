@@ -80,9 +80,7 @@ def logits_pair(*shape, seed=0, scale=2.0):
 
 
 def close(actual, expected, rtol=RTOL, atol=ATOL):
-    np.testing.assert_allclose(
-        actual.detach().double().numpy(), np.asarray(expected, np.float64), rtol=rtol, atol=atol
-    )
+    np.testing.assert_allclose(actual.detach().double().numpy(), np.asarray(expected, np.float64), rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------------------ generalized_jsd
@@ -118,9 +116,7 @@ def test_identical_distributions_give_zero(beta):
 def test_invalid_arguments_raise(fn):
     s, t = logits_pair(2, 10)
     call = (
-        (lambda **kw: generalized_jsd(s, t, **kw))
-        if fn == "jsd"
-        else (lambda **kw: topk_divergence(s, t, k=3, **kw))
+        (lambda **kw: generalized_jsd(s, t, **kw)) if fn == "jsd" else (lambda **kw: topk_divergence(s, t, k=3, **kw))
     )
     for beta in (-0.1, 1.5):
         with pytest.raises(ValueError, match="beta"):
@@ -390,9 +386,7 @@ def test_chunked_never_materialises_more_than_one_chunk(chunk_size):
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = chunked_token_loss(
-            h, t_hidden, s_rec, t_rec, lambda s, t: generalized_jsd(s, t, beta=0.5), chunk_size
-        )
+        out = chunked_token_loss(h, t_hidden, s_rec, t_rec, lambda s, t: generalized_jsd(s, t, beta=0.5), chunk_size)
     n_chunks = -(-N // chunk_size)
     assert len(s_rec.rows["forward"]) == n_chunks
     assert sum(saved_vocab_elems) <= chunk_size * V

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-import torch
 from datasets import load_dataset
 from helpers import make_run
 
@@ -14,20 +13,37 @@ from trd_lightning.verify import is_correct
 
 
 def round_rows(folder):
-    return sorted(load_dataset("parquet", data_files=str(folder / "shard-*.parquet"), split="train").to_list(),
-                  key=lambda r: r["index"])
+    return sorted(
+        load_dataset("parquet", data_files=str(folder / "shard-*.parquet"), split="train").to_list(),
+        key=lambda r: r["index"],
+    )
 
 
 def test_round_trip_and_resume_after_an_interruption(tiny, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    main(["refine", "--output", str(full), "--device", "cpu", f"--model.student={tiny['student']}",
-          f"--model.teacher={tiny['teacher']}", f"--data.train_data={tiny['train']}", "--data.refine=true",
-          "--data.batch_size=16", "--data.max_new_tokens=8", "--data.val_split=null"])
+    main(
+        [
+            "refine",
+            "--output",
+            str(full),
+            "--device",
+            "cpu",
+            f"--model.student={tiny['student']}",
+            f"--model.teacher={tiny['teacher']}",
+            f"--data.train_data={tiny['train']}",
+            "--data.refine=true",
+            "--data.batch_size=16",
+            "--data.max_new_tokens=8",
+            "--data.val_split=null",
+        ]
+    )
     rows = round_rows(full)
     assert len(rows) == 64 and [r["index"] for r in rows] == list(range(64))
     for r in rows:
         assert set(r) >= {"problem", "solution", "answer", "y_o", "y_r", "correct_o", "correct_r"}
-        assert r["correct_o"] == is_correct(r["y_o"], r["answer"]) and r["correct_r"] == is_correct(r["y_r"], r["answer"])
+        assert r["correct_o"] == is_correct(r["y_o"], r["answer"]) and r["correct_r"] == is_correct(
+            r["y_r"], r["answer"]
+        )
 
     # A crash after two shards: what was written stays, nothing half-written is left, and a rerun completes it.
     part = tmp_path / "part"
@@ -65,8 +81,11 @@ def test_training_on_an_offline_round_uses_y_r_and_the_refine_prompt(tiny, tmp_p
             seen.append(batch)
 
     trainer, module, data = make_run(
-        tiny, tmp_path / "fit", data={"refine": True, "offline_data": str(folder), "max_new_tokens": 8},
-        callbacks=[Keep()], max_steps=1,
+        tiny,
+        tmp_path / "fit",
+        data={"refine": True, "offline_data": str(folder), "max_new_tokens": 8},
+        callbacks=[Keep()],
+        max_steps=1,
     )
     trainer.fit(module, data)
     b, tok = seen[0], data.tokenizer

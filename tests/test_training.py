@@ -20,8 +20,12 @@ def test_gradients_do_not_depend_on_micro_batching(tiny, tmp_path, loss):
         L.seed_everything(0)
         rec = Recorder(grads=True)
         trainer, module, data = make_run(
-            tiny, tmp_path / str(micro), model={"micro_batch_size": micro, "loss": loss, "max_grad_norm": None, "beta": 0.5},
-            data={"batch_size": 4, "num_generations": 2}, callbacks=[rec], max_steps=1,
+            tiny,
+            tmp_path / str(micro),
+            model={"micro_batch_size": micro, "loss": loss, "max_grad_norm": None, "beta": 0.5},
+            data={"batch_size": 4, "num_generations": 2},
+            callbacks=[rec],
+            max_steps=1,
         )
         trainer.fit(module, data)
         grads.append(rec.grads[0])
@@ -32,7 +36,9 @@ def test_gradients_do_not_depend_on_micro_batching(tiny, tmp_path, loss):
 
 def test_teacher_equal_to_student_gives_zero_loss(tiny, tmp_path):
     rec = Recorder()
-    trainer, module, data = make_run(tiny, tmp_path, model={"teacher": tiny["student"], "beta": 0.5}, callbacks=[rec], max_steps=1)
+    trainer, module, data = make_run(
+        tiny, tmp_path, model={"teacher": tiny["student"], "beta": 0.5}, callbacks=[rec], max_steps=1
+    )
     trainer.fit(module, data)
     assert abs(rec.losses[1]) < 1e-6
 
@@ -52,7 +58,9 @@ def test_resumed_run_gives_the_same_next_losses(tiny, tmp_path):
     """Stop after step 2, resume from its checkpoint: steps 3 and 4 match the uninterrupted run."""
     full = Recorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer, module, data = make_run(tiny, tmp_path / "a", callbacks=[full, ckpt], enable_checkpointing=True, max_steps=4)
+    trainer, module, data = make_run(
+        tiny, tmp_path / "a", callbacks=[full, ckpt], enable_checkpointing=True, max_steps=4
+    )
     trainer.fit(module, data)
 
     resumed = Recorder()
@@ -75,7 +83,9 @@ def test_resume_continues_the_data_order(tiny, tmp_path):
             self.out.append(batch["index"].tolist())
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer, module, data = make_run(tiny, tmp_path / "a", callbacks=[Seen(seen_full), ckpt], enable_checkpointing=True, max_steps=4)
+    trainer, module, data = make_run(
+        tiny, tmp_path / "a", callbacks=[Seen(seen_full), ckpt], enable_checkpointing=True, max_steps=4
+    )
     trainer.fit(module, data)
     trainer, module, data = make_run(tiny, tmp_path / "b", callbacks=[Seen(seen_resumed)], max_steps=4)
     trainer.fit(module, data, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
@@ -90,8 +100,12 @@ def test_shared_teacher_opsd(tiny, tmp_path, weights, lora):
     differ) and finite, and only the student's trainable weights change."""
     rec = Recorder()
     trainer, module, data = make_run(
-        tiny, tmp_path, model={"teacher": None, "teacher_kind": "shared", "shared_weights": weights, "lora": lora},
-        data={"teacher_context": "privileged"}, callbacks=[rec], max_steps=2,
+        tiny,
+        tmp_path,
+        model={"teacher": None, "teacher_kind": "shared", "shared_weights": weights, "lora": lora},
+        data={"teacher_context": "privileged"},
+        callbacks=[rec],
+        max_steps=2,
     )
     trainer.fit(module, data)
     assert all(torch.isfinite(torch.tensor(v)) and v > 0 for v in rec.losses.values())

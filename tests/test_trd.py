@@ -102,14 +102,14 @@ def test_refined_batch_has_identical_response_ids_and_refine_contexts(tiny, tmp_
     for i, refined in enumerate(b["refined_text"]):
         assert refined is not None  # the default plan refines every rollout
         assert tok.decode(b["response_ids"][i][b["response_mask"][i]], skip_special_tokens=True) == refined
-        context = tok.decode(b["teacher_ids"][i][: -width][b["teacher_mask"][i][: -width].bool()])
+        context = tok.decode(b["teacher_ids"][i][:-width][b["teacher_mask"][i][:-width].bool()])
         problem = b["problem"][i // dm.hparams.num_generations]
         if data.get("refine_teacher_context") == "original":
             assert "Your Initial Solution" not in context and problem in context
         else:
             # The teacher reads the refine prompt: the problem and the student's own attempt.
             assert "Your Initial Solution" in context and b["rollout_text"][i][:20] in context
-        student_context = tok.decode(b["student_ids"][i][: -width][b["student_mask"][i][: -width].bool()])
+        student_context = tok.decode(b["student_ids"][i][:-width][b["student_mask"][i][:-width].bool()])
         assert "Your Initial Solution" not in student_context and problem in student_context
 
 
@@ -131,8 +131,14 @@ def test_support_guard_keeps_the_original_rollouts(tiny, tmp_path):
 def test_incorrect_mode_refines_only_wrong_rollouts(tiny, tmp_path):
     keep = KeepBatch()
     sched = RefinementScheduler(mode="incorrect")
-    trainer, module, dm = make_run(tiny, tmp_path, data={"refine": True, "batch_size": 8}, callbacks=[sched, keep],
-                                   model={"micro_batch_size": 8}, max_steps=1)
+    trainer, module, dm = make_run(
+        tiny,
+        tmp_path,
+        data={"refine": True, "batch_size": 8},
+        callbacks=[sched, keep],
+        model={"micro_batch_size": 8},
+        max_steps=1,
+    )
     trainer.fit(module, dm)
     from trd_lightning.verify import is_correct
 
@@ -154,15 +160,23 @@ def test_incorrect_mode_refines_only_wrong_rollouts(tiny, tmp_path):
 def test_schedule_values_at_given_steps(schedule, expected):
     got = [scheduled_value(schedule, s, 100, 0.2, 1.0, num_stairs=4) for s in (0, 25, 50, 100)]
     assert got == pytest.approx(expected)
-    assert scheduled_value(schedule, 500, 100, 0.2, 1.0) == pytest.approx(expected[-1] if schedule != "constant" else 0.2)
+    assert scheduled_value(schedule, 500, 100, 0.2, 1.0) == pytest.approx(
+        expected[-1] if schedule != "constant" else 0.2
+    )
 
 
 def test_scheduler_sets_the_plan_logs_and_resumes(tiny, tmp_path):
     rec, keep = Recorder(), KeepBatch()
     sched = RefinementScheduler(schedule="linear", p_start=0.0, p_end=1.0, total_steps=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer, module, dm = make_run(tiny, tmp_path / "a", data={"refine": True}, callbacks=[sched, rec, keep, ckpt],
-                                   enable_checkpointing=True, max_steps=3)
+    trainer, module, dm = make_run(
+        tiny,
+        tmp_path / "a",
+        data={"refine": True},
+        callbacks=[sched, rec, keep, ckpt],
+        enable_checkpointing=True,
+        max_steps=3,
+    )
     trainer.fit(module, dm)
     assert [b["refined_text"].count(None) for b in keep.batches][0] == 4  # p = 0 at step 0: nothing refined
     assert sched.last_step == 2 and sched.last_prob == pytest.approx(0.5)
@@ -181,3 +195,23 @@ def test_scheduler_without_refinement_is_refused(tiny, tmp_path):
     trainer, module, dm = make_run(tiny, tmp_path, callbacks=[RefinementScheduler()], max_steps=1)
     with pytest.raises(ValueError, match="data.refine: true"):
         trainer.fit(module, dm)
+
+
+def test_text_samples_show_the_rollout_and_its_refinement(tiny, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trd_lightning import RolloutSamples
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer, module, dm = make_run(
+        tiny, tmp_path, data={"refine": True}, callbacks=[RolloutSamples(every_n_steps=1)], logger=logger, max_steps=1
+    )
+    trainer.fit(module, dm)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    text = events.Tensors("samples/rollout/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "rollout y_o" in text and "refined y_r" in text
+    scalars = set(events.Tags()["scalars"])
+    assert {"refine/accuracy_before", "refine/accuracy_after", "refine/edit_distance", "refine/length_ratio"} <= scalars
+    assert {"refine/student_logprob", "refine/fraction"} <= scalars

@@ -15,7 +15,9 @@ def check_vocabularies(student: str, student_vocab: int, teacher: str, teacher_v
         )
 
 
-def check_against_data(model: Mapping[str, Any], data: Mapping[str, Any], longest_prompt: int, positions: int | None) -> None:
+def check_against_data(
+    model: Mapping[str, Any], data: Mapping[str, Any], longest_prompt: int, positions: int | None
+) -> None:
     """The module's settings against the DataModule's (both as hyperparameter mappings)."""
     if model["teacher_kind"] == "shared" and data["teacher_context"] == "prompt":
         raise ValueError(

@@ -1,9 +1,9 @@
 """The ``trd`` command: LightningCLI over DistillationModule and OnPolicyDataModule.
 
-    trd fit --config configs/demo.yaml
-    trd validate --config configs/demo.yaml --ckpt_path runs/.../last.ckpt
-    trd fit --config configs/demo.yaml --print_config
-    trd refine --config configs/demo_trd.yaml --output runs/refined
+trd fit --config configs/demo.yaml
+trd validate --config configs/demo.yaml --ckpt_path runs/.../last.ckpt
+trd fit --config configs/demo.yaml --print_config
+trd refine --config configs/demo_trd.yaml --output runs/refined
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from trd_lightning.offline import write_refinement_round
-
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.module import DistillationModule
+from trd_lightning.offline import write_refinement_round
 
 
 class SaveConfigToLogger(SaveConfigCallback):

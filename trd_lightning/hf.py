@@ -27,9 +27,7 @@ def load_causal_lm(name: str, dtype: str = "float32", trust_remote_code: bool = 
     """A causal LM from the hub or a local folder, in ``dtype``."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
-    return AutoModelForCausalLM.from_pretrained(
-        name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-    )
+    return AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from trd_lightning.checks import check_against_data, check_vocabularies
 from trd_lightning.data.demo.world import resolve
 from trd_lightning.hf import last_hidden, load_causal_lm, load_config, output_head
 from trd_lightning.lora import LoraOptions, apply_lora
+from trd_lightning.metrics import AvgAtK, PassAtK
 from trd_lightning.optim import warmup_cosine
 from trd_lightning.rollout.assemble import response_rows
 from trd_lightning.teacher import (
@@ -113,6 +114,8 @@ class DistillationModule(L.LightningModule):
         self.student: torch.nn.Module | None = None
         self.teacher: torch.nn.Module | None = None
         self.val_accuracy = MeanMetric()
+        self.val_avg_at_k = AvgAtK()
+        self.val_pass_at_k = PassAtK(1)  # k is the DataModule's val_samples, known in setup
         self.val_length = MeanMetric()
         self._produce_seconds = 0.0
 
@@ -128,6 +131,7 @@ class DistillationModule(L.LightningModule):
         if data is not None and hasattr(data, "produce"):
             positions = getattr(student_cfg, "max_position_embeddings", None)
             check_against_data(hp, data.hparams, data.longest_prompt, positions)
+            self.val_pass_at_k = PassAtK(data.hparams.val_samples)
 
     def configure_model(self) -> None:
         """Load the student (and the teacher) once; called again by Lightning, it does nothing."""
@@ -183,7 +187,9 @@ class DistillationModule(L.LightningModule):
             token_losses.append(per_token.detach())
         grad_norm = None
         if self.hparams.max_grad_norm is not None:
-            grad_norm = self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+            grad_norm = self.clip_gradients(
+                opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
+            )
         opt.step()
         scheduler.step()
         if self.hparams.teacher_kind == "shared" and self.hparams.shared_weights == "ema":
@@ -201,7 +207,9 @@ class DistillationModule(L.LightningModule):
         student_rows = response_rows(hidden, batch["student_ids"].shape[1] - response_mask.shape[1], response_mask)
         with torch.no_grad(), self.scorer() as scorer:
             t_hidden = last_hidden(scorer, batch["teacher_ids"][part], batch["teacher_mask"][part])
-            teacher_rows = response_rows(t_hidden, batch["teacher_ids"].shape[1] - response_mask.shape[1], response_mask)
+            teacher_rows = response_rows(
+                t_hidden, batch["teacher_ids"].shape[1] - response_mask.shape[1], response_mask
+            )
             teacher_head = output_head(scorer)
         aux = []
         if hp.loss == "sampled_token":
@@ -217,8 +225,12 @@ class DistillationModule(L.LightningModule):
             return partial(losses.generalized_jsd, beta=hp.beta, temperature=hp.loss_temperature)
         if hp.loss == "topk":
             return partial(
-                losses.topk_divergence, k=hp.loss_top_k, beta=hp.beta, temperature=hp.loss_temperature,
-                tail=hp.loss_top_k_tail, support=hp.loss_top_k_support,
+                losses.topk_divergence,
+                k=hp.loss_top_k,
+                beta=hp.beta,
+                temperature=hp.loss_temperature,
+                tail=hp.loss_top_k_tail,
+                support=hp.loss_top_k_support,
             )
         return partial(_sampled_token, temperature=hp.loss_temperature)
 
@@ -251,9 +263,13 @@ class DistillationModule(L.LightningModule):
         self.val_length.update(out.mask.sum(-1).float())
         self.log("val/response_length", self.val_length, on_epoch=True, batch_size=len(texts))
         if all(a is not None for a in answers):
-            correct = torch.tensor([is_correct(t, a) for t, a in zip(texts, answers)], dtype=torch.float)
-            self.val_accuracy.update(correct)
+            correct = torch.tensor([is_correct(t, a) for t, a in zip(texts, answers)], device=ids.device)
+            self.val_accuracy.update(correct.float())
+            self.val_avg_at_k.update(correct.view(-1, k))
+            self.val_pass_at_k.update(correct.view(-1, k))
             self.log("val/accuracy", self.val_accuracy, on_epoch=True, batch_size=len(texts))
+            self.log(f"val/avg@{k}", self.val_avg_at_k, on_epoch=True, batch_size=len(texts))
+            self.log(f"val/pass@{k}", self.val_pass_at_k, on_epoch=True, batch_size=len(texts))
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self):
@@ -271,7 +287,9 @@ class DistillationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self._teacher_is_state():
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+            checkpoint["state_dict"] = {
+                k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.teacher is not None and not self._teacher_is_state():

@@ -62,11 +62,18 @@ def write_refinement_round(module, data, output: str | Path, device: str | None 
         texts = data.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
         answers = [r["answer"] for r in chunk]
         correct = [is_correct(t, a) for t, a in zip(texts, answers)] if None not in answers else None
-        result = data.refiner.refine(module, data.sample, ids, mask, out, texts, chunk, correct, [r["teacher_ids"] for r in chunk], seed)
+        result = data.refiner.refine(
+            module, data.sample, ids, mask, out, texts, chunk, correct, [r["teacher_ids"] for r in chunk], seed
+        )
         records = [
             {
-                "index": r["index"], "problem": r["problem"], "solution": r["solution"], "answer": r["answer"],
-                "y_o": y_o, "y_r": y_r, "correct_o": None if correct is None else correct[i],
+                "index": r["index"],
+                "problem": r["problem"],
+                "solution": r["solution"],
+                "answer": r["answer"],
+                "y_o": y_o,
+                "y_r": y_r,
+                "correct_o": None if correct is None else correct[i],
                 "correct_r": None if r["answer"] is None else is_correct(y_r, r["answer"]),
             }
             for i, (r, y_o, y_r) in enumerate(zip(chunk, texts, result.refined_texts))

@@ -8,7 +8,7 @@ left as written, so ``\\boxed{}`` needs no escaping in YAML.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 STUDENT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
@@ -94,7 +94,9 @@ def render(template: str, **fields: str) -> str:
     return _SLOT.sub(lambda m: fields[m.group(1)], template)
 
 
-def to_prompt_ids(text: str, tokenizer, use_chat_template: bool, chat_template_kwargs: Mapping | None = None) -> list[int]:
+def to_prompt_ids(
+    text: str, tokenizer, use_chat_template: bool, chat_template_kwargs: Mapping | None = None
+) -> list[int]:
     """Token ids of a user turn ready for generation: through the chat template when the tokenizer has one."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         encoded = tokenizer.apply_chat_template(

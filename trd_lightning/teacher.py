@@ -48,7 +48,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
 
 @contextlib.contextmanager
-def scoring_model(student: nn.Module, teacher: nn.Module | None, kind: TeacherKind, weights: SharedWeights) -> Iterator[nn.Module]:
+def scoring_model(
+    student: nn.Module, teacher: nn.Module | None, kind: TeacherKind, weights: SharedWeights
+) -> Iterator[nn.Module]:
     """The model that scores as teacher, for the duration of the block.
 
     A shared ``initial`` teacher on a LoRA student is the student with its adapter switched off.

@@ -13,7 +13,9 @@ from trd_lightning.rollout.refiner import RefinementPlan
 Schedule = Literal["constant", "linear", "cosine", "step"]
 
 
-def scheduled_value(schedule: Schedule, step: int, total_steps: int, start: float, end: float, num_stairs: int = 4) -> float:
+def scheduled_value(
+    schedule: Schedule, step: int, total_steps: int, start: float, end: float, num_stairs: int = 4
+) -> float:
     """The value of a schedule from ``start`` (step 0) to ``end`` (step ``total_steps`` and after).
 
     ``constant`` stays at ``start``; ``linear`` and ``cosine`` move smoothly; ``step`` moves in ``num_stairs``
@@ -78,9 +80,13 @@ class RefinementScheduler(L.Callback):
         if stage != "fit" or data is None:
             return
         if not getattr(data.hparams, "refine", False):
-            raise ValueError("RefinementScheduler schedules TRD's refinement: set data.refine: true, or drop the callback.")
+            raise ValueError(
+                "RefinementScheduler schedules TRD's refinement: set data.refine: true, or drop the callback."
+            )
         if self.mode == "incorrect" and data.hparams.answer_column is None:
-            raise ValueError("RefinementScheduler mode 'incorrect' needs answers: set data.answer_column, or use mode 'all'.")
+            raise ValueError(
+                "RefinementScheduler mode 'incorrect' needs answers: set data.answer_column, or use mode 'all'."
+            )
 
     def prob_at(self, step: int, trainer: L.Trainer) -> float:
         total = self.total_steps or (trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)

@@ -8,7 +8,8 @@ import lightning as L
 
 
 class RolloutSamples(L.Callback):
-    """Every ``every_n_steps`` optimizer steps, log a few rollouts (prompt and response) as text.
+    """Every ``every_n_steps`` optimizer steps, log a few rollouts as text: the problem, the student's rollout
+    and, under TRD, its refinement beside it.
 
     Args:
         every_n_steps: how often, in optimizer steps.
@@ -21,20 +22,23 @@ class RolloutSamples(L.Callback):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
-        if (step - 1) % self.every_n_steps or "response_ids" not in batch:
+        if (step - 1) % self.every_n_steps or "rollout_text" not in batch:
             return
-        tokenizer = trainer.datamodule.tokenizer
-        repeats = len(batch["response_ids"]) // len(batch["problem"])
+        repeats = len(batch["rollout_text"]) // len(batch["problem"])
         blocks = []
-        for i in range(min(self.num_samples, len(batch["response_ids"]))):
-            response = tokenizer.decode(batch["response_ids"][i][batch["response_mask"][i].bool()], skip_special_tokens=True)
+        for i in range(min(self.num_samples, len(batch["rollout_text"]))):
             j = i // repeats
-            blocks.append(
+            block = (
                 f"**problem** (answer: {batch['answer'][j]})\n<pre>{html.escape(batch['problem'][j])}</pre>\n\n"
-                f"**rollout**\n<pre>{html.escape(response)}</pre>"
+                f"**rollout y_o**\n<pre>{html.escape(batch['rollout_text'][i])}</pre>"
             )
+            if batch["refined_text"][i] is not None:
+                block += f"\n\n**refined y_r** (trained on)\n<pre>{html.escape(batch['refined_text'][i])}</pre>"
+            blocks.append(block)
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
                 logger.experiment.add_text("samples/rollout", "\n\n---\n\n".join(blocks), global_step=step)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from trd_lightning import prompts
@@ -118,7 +119,14 @@ class OnPolicyDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for name in ("batch_size", "num_generations", "max_prompt_length", "max_teacher_prompt_length", "val_batch_size", "val_samples"):
+        for name in (
+            "batch_size",
+            "num_generations",
+            "max_prompt_length",
+            "max_teacher_prompt_length",
+            "val_batch_size",
+            "val_samples",
+        ):
             if getattr(self.hparams, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self.hparams, name)}.")
         if teacher_context == "privileged" and solution_column is None:
@@ -157,8 +165,13 @@ class OnPolicyDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(resolve(hp.tokenizer))
         if hp.refine and self.refiner is None:
             self.refiner = Refiner(
-                self.tokenizer, self.refine_template, hp.max_refine_prompt_length, self.refine_sampling,
-                hp.refine_teacher_context, hp.use_chat_template, hp.chat_template_kwargs,
+                self.tokenizer,
+                self.refine_template,
+                hp.max_refine_prompt_length,
+                self.refine_sampling,
+                hp.refine_teacher_context,
+                hp.use_chat_template,
+                hp.chat_template_kwargs,
             )
         if stage == "fit" and self.train_rows is None:
             if hp.offline_data:
@@ -194,8 +207,13 @@ class OnPolicyDataModule(L.LightningDataModule):
             row.update(index=i, prompt_ids=ids, teacher_ids=ids)
             if hp.teacher_context == "privileged":
                 row["teacher_ids"] = prompts.fit_prompt(
-                    hp.privileged_template, row, self.tokenizer, hp.max_teacher_prompt_length, ("solution",),
-                    hp.use_chat_template, hp.chat_template_kwargs,
+                    hp.privileged_template,
+                    row,
+                    self.tokenizer,
+                    hp.max_teacher_prompt_length,
+                    ("solution",),
+                    hp.use_chat_template,
+                    hp.chat_template_kwargs,
                 )
             rows.append(row)
         if not rows:
@@ -203,32 +221,46 @@ class OnPolicyDataModule(L.LightningDataModule):
                 f"Every prompt of {source!r} split {split!r} is longer than max_prompt_length="
                 f"{hp.max_prompt_length} tokens: raise data.max_prompt_length."
             )
-        self.longest_prompt = max(self.longest_prompt, *(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in rows))
+        self.longest_prompt = max(
+            self.longest_prompt, *(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in rows)
+        )
         if dropped:
-            print(f"[trd] {source} {split}: dropped {dropped} of {len(dataset)} prompts over {hp.max_prompt_length} tokens")
+            rank_zero_info(f"[trd] {source} {split}: dropped {dropped} of {len(dataset)} prompts over the length limit")
         return rows
 
     def _encode(self, template: str, row: dict) -> list[int]:
         text = prompts.render(template, **{k: v or "" for k, v in row.items()})
-        return prompts.to_prompt_ids(text, self.tokenizer, self.hparams.use_chat_template, self.hparams.chat_template_kwargs)
+        return prompts.to_prompt_ids(
+            text, self.tokenizer, self.hparams.use_chat_template, self.hparams.chat_template_kwargs
+        )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         sampler = ResumableSampler(
-            self.train_rows, trainer.world_size if trainer else 1, trainer.global_rank if trainer else 0,
-            shuffle=True, seed=self.hparams.seed,
+            self.train_rows,
+            trainer.world_size if trainer else 1,
+            trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=self.hparams.seed,
         )
         sampler.skip, self._skip = self._skip, 0
         return DataLoader(
-            self.train_rows, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
-            collate_fn=self.collate, num_workers=self.hparams.num_workers,
+            self.train_rows,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=self.collate,
+            num_workers=self.hparams.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_rows:
             return []
         return DataLoader(
-            self.val_rows, batch_size=self.hparams.val_batch_size, shuffle=False, collate_fn=self.collate,
+            self.val_rows,
+            batch_size=self.hparams.val_batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
             num_workers=self.hparams.num_workers,
         )
 
@@ -254,8 +286,15 @@ class OnPolicyDataModule(L.LightningDataModule):
     def eos_ids(self) -> list[int]:
         return [self.tokenizer.eos_token_id]
 
-    def sample(self, model, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingConfig, seed: int,
-               with_logprobs: bool = False) -> Rollouts:
+    def sample(
+        self,
+        model,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        sampling: SamplingConfig,
+        seed: int,
+        with_logprobs: bool = False,
+    ) -> Rollouts:
         """One response per left-padded prompt row from ``model``, seeded by ``seed``.
 
         The seed makes a step's rollout independent of what ran before it, so a resumed run samples the
@@ -270,7 +309,13 @@ class OnPolicyDataModule(L.LightningDataModule):
                 if devices:
                     torch.cuda.manual_seed(seed)
                 return sample(
-                    model, ids, mask, sampling, self.eos_ids, self.tokenizer.pad_token_id, with_logprobs,
+                    model,
+                    ids,
+                    mask,
+                    sampling,
+                    self.eos_ids,
+                    self.tokenizer.pad_token_id,
+                    with_logprobs,
                     synced_gpus=self.trainer is not None and self.trainer.world_size > 1,
                 )
         finally:
@@ -294,7 +339,9 @@ class OnPolicyDataModule(L.LightningDataModule):
         if self.hparams.offline_data:
             out = self._from_text(batch["y_o"], prompt_ids.device)
         else:
-            out = self.sample(module.student, prompt_ids, prompt_mask, self.sampling, seed, module.needs_behavior_logprobs)
+            out = self.sample(
+                module.student, prompt_ids, prompt_mask, self.sampling, seed, module.needs_behavior_logprobs
+            )
         rollout_seconds = time.perf_counter() - start
 
         rows = [
@@ -302,7 +349,11 @@ class OnPolicyDataModule(L.LightningDataModule):
             for p, s, a in zip(batch["problem"], batch["solution"], batch["answer"])
             for _ in range(repeats)
         ]
-        texts = batch["y_o"] if self.hparams.offline_data else self.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
+        texts = (
+            batch["y_o"]
+            if self.hparams.offline_data
+            else self.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
+        )
         correct = None
         if all(r["answer"] is not None for r in rows):
             correct = [is_correct(t, r["answer"]) for t, r in zip(texts, rows)]
@@ -314,12 +365,16 @@ class OnPolicyDataModule(L.LightningDataModule):
         if self.hparams.offline_data:
             response, refined_texts = self._from_text(batch["y_r"], prompt_ids.device), list(batch["y_r"])
             contexts = [
-                self.refiner.prompt_ids(r["problem"], r["solution"], t) if self.hparams.refine_teacher_context == "refine" else c
+                self.refiner.prompt_ids(r["problem"], r["solution"], t)
+                if self.hparams.refine_teacher_context == "refine"
+                else c
                 for r, t, c in zip(rows, texts, contexts)
             ]
         elif self.refiner is not None:
             start = time.perf_counter()
-            result = self.refiner.refine(module, self.sample, prompt_ids, prompt_mask, out, texts, rows, correct, contexts, seed)
+            result = self.refiner.refine(
+                module, self.sample, prompt_ids, prompt_mask, out, texts, rows, correct, contexts, seed
+            )
             response, contexts, refined_texts = result.response, result.teacher_contexts, result.refined_texts
             stats.update(result.stats, **{"perf/refine_seconds": time.perf_counter() - start})
 
@@ -330,10 +385,16 @@ class OnPolicyDataModule(L.LightningDataModule):
         if not torch.equal(student_ids[:, -width:], teacher_ids[:, -width:]):
             raise RuntimeError("The student and teacher sequences must end in identical response ids.")
         batch.update(
-            student_ids=student_ids, student_mask=student_mask, teacher_ids=teacher_ids, teacher_mask=teacher_mask,
-            response_ids=response.ids, response_mask=response.mask, behavior_logprobs=response.behavior_logprobs,
+            student_ids=student_ids,
+            student_mask=student_mask,
+            teacher_ids=teacher_ids,
+            teacher_mask=teacher_mask,
+            response_ids=response.ids,
+            response_mask=response.mask,
+            behavior_logprobs=response.behavior_logprobs,
             num_response_tokens=trainer.strategy.reduce(response.mask.sum().float(), reduce_op="sum"),
-            rollout_text=texts, refined_text=refined_texts,
+            rollout_text=texts,
+            refined_text=refined_texts,
         )
         return stats
 

@@ -64,7 +64,9 @@ class Rollouts:
     behavior_logprobs: torch.Tensor | None = None
 
 
-def cut_at_eos(tokens: torch.Tensor, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cut_at_eos(
+    tokens: torch.Tensor, eos_ids: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mask everything after the first end-of-sequence token of each row (the token itself stays).
 
     Returns the ids with pad after the end, the mask and the per-row truncated flags.
@@ -105,7 +107,10 @@ def sample(
         # Scores are the processed logits the sampler drew from, one [B, V] tensor per step: reduce each
         # to the sampled token's log-prob at once so the [B, L, V] stack is never built.
         logprobs = torch.stack(
-            [torch.log_softmax(s.float(), -1).gather(-1, tokens[:, i : i + 1]).squeeze(-1) for i, s in enumerate(out.scores)],
+            [
+                torch.log_softmax(s.float(), -1).gather(-1, tokens[:, i : i + 1]).squeeze(-1)
+                for i, s in enumerate(out.scores)
+            ],
             dim=1,
         ).masked_fill(~mask, 0.0)
     return Rollouts(ids=ids, mask=mask, truncated=truncated, behavior_logprobs=logprobs)

@@ -59,9 +59,17 @@ class Refiner:
         max_stat_rows: at most this many pairs per step enter the edit-distance statistic (it is quadratic).
     """
 
-    def __init__(self, tokenizer, template: str, max_prompt_length: int, sampling: SamplingConfig,
-                 teacher_context: str = "refine", use_chat_template: bool = True,
-                 chat_template_kwargs: dict | None = None, max_stat_rows: int = 16) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        max_prompt_length: int,
+        sampling: SamplingConfig,
+        teacher_context: str = "refine",
+        use_chat_template: bool = True,
+        chat_template_kwargs: dict | None = None,
+        max_stat_rows: int = 16,
+    ) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.max_prompt_length = max_prompt_length
@@ -74,12 +82,28 @@ class Refiner:
 
     def prompt_ids(self, problem: str, solution: str | None, initial: str) -> list[int]:
         return prompts.fit_prompt(
-            self.template, {"problem": problem, "solution": solution or "", "initial": initial}, self.tokenizer,
-            self.max_prompt_length, ("initial", "solution"), self.use_chat_template, self.chat_template_kwargs,
+            self.template,
+            {"problem": problem, "solution": solution or "", "initial": initial},
+            self.tokenizer,
+            self.max_prompt_length,
+            ("initial", "solution"),
+            self.use_chat_template,
+            self.chat_template_kwargs,
         )
 
-    def refine(self, module, sample_fn, prompt_ids, prompt_mask, out: Rollouts, texts, rows, correct,
-               teacher_contexts, seed: int) -> Refined:
+    def refine(
+        self,
+        module,
+        sample_fn,
+        prompt_ids,
+        prompt_mask,
+        out: Rollouts,
+        texts,
+        rows,
+        correct,
+        teacher_contexts,
+        seed: int,
+    ) -> Refined:
         """Refine the rollouts the plan selects; every other row keeps ``y_o`` and its usual teacher context.
 
         Args:
@@ -96,13 +120,15 @@ class Refiner:
         plan, n = self.plan, len(texts)
         divergent = None
         if plan.mode == "divergent":
-            t_ids, t_mask = concat_left_padded(*pad_left(teacher_contexts, self.tokenizer.pad_token_id), out.ids, out.mask)
+            t_ids, t_mask = concat_left_padded(
+                *pad_left(teacher_contexts, self.tokenizer.pad_token_id), out.ids, out.mask
+            )
             with module.scorer() as scorer:
-                logprobs = response_logprobs(scorer, t_ids.to(out.ids.device), t_mask.to(out.ids.device), out.ids, out.mask)
+                logprobs = response_logprobs(
+                    scorer, t_ids.to(out.ids.device), t_mask.to(out.ids.device), out.ids, out.mask
+                )
             divergent = (first_divergence(logprobs, out.mask, plan.divergence_logprob) >= 0).tolist()
-        chosen = select_for_refinement(
-            plan.prob, plan.mode, torch.Generator().manual_seed(seed), n, correct, divergent
-        )
+        chosen = select_for_refinement(plan.prob, plan.mode, torch.Generator().manual_seed(seed), n, correct, divergent)
         idx = [i for i, c in enumerate(chosen) if c]
         stats = {"refine/fraction": 0.0, "refine/selected": len(idx) / n}
         if not idx:
@@ -158,11 +184,12 @@ class Refiner:
             "refine/edit_distance": sum(
                 token_edit_distance(out.ids[idx[j]][out.mask[idx[j]]].tolist(), y_r.ids[j][y_r.mask[j]].tolist())
                 for j in pairs
-            ) / len(pairs),
+            )
+            / len(pairs),
         }
         if correct is not None:
             stats["refine/accuracy_before"] = sum(correct[i] for i in idx) / len(idx)
-            stats["refine/accuracy_after"] = sum(
-                is_correct(t, rows[i]["answer"]) for t, i in zip(r_texts, idx)
-            ) / len(idx)
+            stats["refine/accuracy_after"] = sum(is_correct(t, rows[i]["answer"]) for t, i in zip(r_texts, idx)) / len(
+                idx
+            )
         return stats

@@ -43,11 +43,23 @@ class ModelSpec:
 # The teacher scores student rollouts (OPD) and refines them (TRD-OPD); the student answers, and as its own
 # teacher (OPSD) reads a reference solution or refines its rollout with one (TRD-OPSD).
 TEACHER = ModelSpec(
-    hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384, steps=1000, lr=3e-3,
+    hidden_size=128,
+    layers=4,
+    heads=4,
+    kv_heads=2,
+    intermediate_size=384,
+    steps=1000,
+    lr=3e-3,
     formats=(("student", 0.6), ("refine_opd", 0.4)),
 )
 STUDENT = ModelSpec(
-    hidden_size=128, layers=2, heads=4, kv_heads=2, intermediate_size=384, steps=600, lr=3e-3,
+    hidden_size=128,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    intermediate_size=384,
+    steps=600,
+    lr=3e-3,
     formats=(("student", 0.3), ("privileged", 0.35), ("refine_opsd", 0.35)),
 )
 MAX_POSITIONS = 512
