@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trd_lightning import DistillationModule, OnPolicyDataModule
-from trd_lightning.cli import main
+from trd_lightning.cli import cli_main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
@@ -27,7 +27,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_instantiates(config, tmp_path):
     """Instantiating builds the module, DataModule and Trainer without loading weights or data."""
-    cli = main(["--config", str(config), *ON_CPU, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = cli_main(["--config", str(config), *ON_CPU, f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert isinstance(cli.model, DistillationModule) and cli.model.student is None
     assert isinstance(cli.datamodule, OnPolicyDataModule) and cli.datamodule.train_rows is None
     assert cli.datamodule.hparams.tokenizer == cli.model.hparams.student
@@ -38,7 +38,7 @@ def test_config_parses_and_instantiates(config, tmp_path):
 def test_later_config_overrides_earlier(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text("model:\n  beta: 0.5\ndata:\n  batch_size: 3\n")
-    cli = main(["--config", str(CONFIGS[0]), "--config", str(override), *ON_CPU], run=False)
+    cli = cli_main(["--config", str(CONFIGS[0]), "--config", str(override), *ON_CPU], run=False)
     assert cli.model.hparams.beta == 0.5 and cli.datamodule.hparams.batch_size == 3
 
 
@@ -60,7 +60,7 @@ def test_print_config_and_help_run_as_a_program():
 
 def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
     root = tmp_path / "runs"
-    main(
+    cli_main(
         [
             "fit",
             "--config",
@@ -102,7 +102,7 @@ def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
 
 def test_validate_subcommand_logs_avg_and_pass_at_k(tiny, tmp_path):
     """`trd validate` samples k answers per prompt; pass@k, the chance that one of k is right, is at least avg@k."""
-    cli = main(
+    cli = cli_main(
         [
             "validate",
             "--config",
@@ -124,3 +124,31 @@ def test_validate_subcommand_logs_avg_and_pass_at_k(tiny, tmp_path):
     assert {"val/accuracy", "val/avg@4", "val/pass@4", "val/response_length"} <= set(metrics)
     assert float(metrics["val/avg@4"]) == pytest.approx(float(metrics["val/accuracy"]))
     assert float(metrics["val/pass@4"]) >= float(metrics["val/avg@4"])
+
+
+def test_the_installed_command_exits_zero(tiny, tmp_path):
+    """The console entry point returns None, so the shell sees exit code 0 after a successful run."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from trd_lightning.cli import main; sys.exit(main())",
+            "fit",
+            "--config",
+            str(CONFIGS[0].parent / "demo.yaml"),
+            *ON_CPU,
+            f"--model.student={tiny['student']}",
+            f"--model.teacher={tiny['teacher']}",
+            "--model.micro_batch_size=4",
+            f"--data.train_data={tiny['train']}",
+            "--data.val_split=null",
+            "--data.batch_size=4",
+            "--data.max_new_tokens=8",
+            "--trainer.max_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

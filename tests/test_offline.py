@@ -7,7 +7,7 @@ import pytest
 from datasets import load_dataset
 from helpers import make_run
 
-from trd_lightning.cli import main
+from trd_lightning.cli import cli_main
 from trd_lightning.offline import shard_path, write_refinement_round
 from trd_lightning.verify import is_correct
 
@@ -21,7 +21,7 @@ def round_rows(folder):
 
 def test_round_trip_and_resume_after_an_interruption(tiny, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    main(
+    cli_main(
         [
             "refine",
             "--output",

@@ -35,8 +35,13 @@ class TRDCLI(LightningCLI):
         parser.link_arguments("model.student", "data.tokenizer", apply_on="parse")
 
 
-def main(args=None, run: bool = True):
-    """Entry point of ``trd`` and ``python -m trd_lightning``; ``run=False`` only parses and instantiates.
+def main() -> None:
+    """Entry point of ``trd`` and ``python -m trd_lightning``."""
+    cli_main()
+
+
+def cli_main(args=None, run: bool = True):
+    """Run the CLI on ``args`` (the command line when None) and return it; ``run=False`` only instantiates.
 
     ``trd refine`` writes an offline refinement round (see ``trd_lightning.offline``); every other subcommand
     is LightningCLI's.
@@ -60,7 +65,7 @@ def refine(argv: list[str]):
     parser.add_argument("--output", required=True, help="folder of the refined dataset (parquet shards)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     known, rest = parser.parse_known_args(argv)
-    cli = main(rest, run=False)
+    cli = cli_main(rest, run=False)
     return write_refinement_round(cli.model, cli.datamodule, known.output, known.device)
 
 
