@@ -18,6 +18,20 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
 
 
+def demo_on_tiny(tiny) -> list[str]:
+    """The demo config, on CPU, with the tiny fixtures in place of the demo world."""
+    return [
+        "--config",
+        str(CONFIGS[0].parent / "demo.yaml"),
+        *ON_CPU,
+        f"--model.student={tiny['student']}",
+        f"--model.teacher={tiny['teacher']}",
+        "--model.micro_batch_size=4",
+        f"--data.train_data={tiny['train']}",
+        "--data.batch_size=4",
+    ]
+
+
 def test_there_are_configs():
     names = {p.name for p in CONFIGS}
     assert {"demo.yaml", "demo_opsd.yaml", "qwen3_opd.yaml", "qwen3_opsd.yaml"} <= names
@@ -63,16 +77,9 @@ def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
     cli_main(
         [
             "fit",
-            "--config",
-            str(CONFIGS[0].parent / "demo.yaml"),
-            *ON_CPU,
-            f"--model.student={tiny['student']}",
-            f"--model.teacher={tiny['teacher']}",
-            "--model.micro_batch_size=4",
-            f"--data.train_data={tiny['train']}",
+            *demo_on_tiny(tiny),
             f"--data.val_data={tiny['validation']}",
             "--data.val_split=train",
-            "--data.batch_size=4",
             "--data.max_new_tokens=12",
             "--data.val_batch_size=8",
             "--trainer.max_steps=2",
@@ -134,15 +141,8 @@ def test_the_installed_command_exits_zero(tiny, tmp_path):
             "-c",
             "import sys; from trd_lightning.cli import main; sys.exit(main())",
             "fit",
-            "--config",
-            str(CONFIGS[0].parent / "demo.yaml"),
-            *ON_CPU,
-            f"--model.student={tiny['student']}",
-            f"--model.teacher={tiny['teacher']}",
-            "--model.micro_batch_size=4",
-            f"--data.train_data={tiny['train']}",
+            *demo_on_tiny(tiny),
             "--data.val_split=null",
-            "--data.batch_size=4",
             "--data.max_new_tokens=8",
             "--trainer.max_steps=1",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
