@@ -215,3 +215,42 @@ def test_text_samples_show_the_rollout_and_its_refinement(tiny, tmp_path):
     scalars = set(events.Tags()["scalars"])
     assert {"refine/accuracy_before", "refine/accuracy_after", "refine/edit_distance", "refine/length_ratio"} <= scalars
     assert {"refine/student_logprob", "refine/fraction"} <= scalars
+
+
+def test_token_level_baselines_as_module_loss_options(tiny, tmp_path):
+    """Loss truncation, the per-entry clip and TOPD weighting applied in the module, against hand rules."""
+    keep = KeepBatch()
+    trainer, module, dm = make_run(tiny, tmp_path, callbacks=[keep], max_steps=1)
+    trainer.fit(module, dm)
+    batch, part = keep.batches[0], slice(None)
+    with torch.no_grad():
+        base = module.token_losses(batch, part)
+        clip = float(base.median())
+        module.hparams.token_clip = clip
+        assert torch.allclose(module.token_losses(batch, part), base.clamp(max=clip))
+        module.hparams.token_clip = None
+
+        module.hparams.loss = "pointwise_clip"
+        module.hparams.pointwise_clip = 1e6  # above every entry: the plain divergence
+        assert torch.allclose(module.token_losses(batch, part), base, atol=1e-6)
+        module.hparams.pointwise_clip = 1e-4  # each of V entries is at most 1e-4
+        assert bool((module.token_losses(batch, part) <= 1e-4 * len(dm.tokenizer) + 1e-6).all())
+        module.hparams.loss = "jsd"
+
+        threshold, window, discount = float(base.quantile(0.7)), 2, 0.5
+        module.hparams.update(topd=True, topd_threshold=threshold, topd_window=window, topd_discount=discount)
+        got = module.token_losses(batch, part)
+    # Brute force, row by row: a token is divergent if above the threshold and the mean of the next `window`
+    # tokens of its row is too; each divergent t adds discount**(s - t) to the weight of s in [t, t + window].
+    expected, start = [], 0
+    for row in batch["response_mask"]:
+        values = base[start : start + int(row.sum())].tolist()
+        start += len(values)
+        weights = [0.0] * len(values)
+        for t, v in enumerate(values):
+            future = values[t + 1 : t + 1 + window]
+            if v > threshold and future and sum(future) / len(future) > threshold:
+                for s in range(t, min(t + window + 1, len(values))):
+                    weights[s] += discount ** (s - t)
+        expected += [v * w for v, w in zip(values, weights)]
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-6)

@@ -30,7 +30,7 @@ from trd_lightning.teacher import (
 )
 from trd_lightning.verify import is_correct
 
-LossName = Literal["jsd", "topk", "sampled_token"]
+LossName = Literal["jsd", "topk", "sampled_token", "pointwise_clip"]
 
 
 class DistillationModule(L.LightningModule):
@@ -51,14 +51,24 @@ class DistillationModule(L.LightningModule):
         ema_decay: decay of the ``ema`` teacher per optimizer step.
         lora: train a LoRA adapter instead of all weights (peft).
         dtype: weight dtype of both models: float32, bfloat16 or float16.
-        loss: ``jsd`` (full-vocabulary generalized JSD), ``topk`` (on the top-k support, with a tail bucket) or
-            ``sampled_token`` (per-token reverse KL of the sampled token as a stop-gradient advantage).
+        loss: ``jsd`` (full-vocabulary generalized JSD), ``topk`` (on the top-k support, with a tail bucket),
+            ``sampled_token`` (per-token reverse KL of the sampled token as a stop-gradient advantage) or
+            ``pointwise_clip`` (the JSD with each vocabulary entry's term clipped at ``pointwise_clip``, as OPSD).
         beta: 0 is forward KL(teacher || student), 1 is reverse KL(student || teacher), in between the
             generalized JSD (for ``jsd`` and ``topk``).
         loss_temperature: both models' logits are divided by it in the loss (not the rollout temperature).
         loss_top_k: support size of the ``topk`` loss.
         loss_top_k_tail: add a tail bucket (the mass outside the support) instead of renormalising.
         loss_top_k_support: whose top-k forms the support: ``teacher`` or ``student``.
+        pointwise_clip: the per-entry ceiling of ``loss: pointwise_clip`` (OPSD uses 0.05).
+        token_clip: clamp each token's loss at this value (loss truncation; the TRD paper's baseline uses 0.1);
+            None turns it off.
+        topd: TOPD-style weighting (our reading of arXiv 2606.00305's abstract): only tokens whose loss exceeds
+            ``topd_threshold`` and stays above it on average over the next ``topd_window`` tokens count, and
+            their weight is spread over that window with ``topd_discount``.
+        topd_threshold: the per-token loss above which a token may count as divergent.
+        topd_window: the near-future window, in tokens.
+        topd_discount: the discount of the spread weight per token.
         micro_batch_size: sequences per forward/backward; a memory knob only, it must divide the step's rollouts.
         loss_chunk_size: response positions per loss chunk; bounds the logits held at once.
         lr: peak learning rate of AdamW.
@@ -86,6 +96,12 @@ class DistillationModule(L.LightningModule):
         loss_top_k: int = 32,
         loss_top_k_tail: bool = True,
         loss_top_k_support: Literal["teacher", "student"] = "teacher",
+        pointwise_clip: float = 0.05,
+        token_clip: float | None = None,
+        topd: bool = False,
+        topd_threshold: float = 1.0,
+        topd_window: int = 4,
+        topd_discount: float = 0.9,
         micro_batch_size: int = 8,
         loss_chunk_size: int = 1024,
         lr: float = 1e-5,
@@ -107,7 +123,10 @@ class DistillationModule(L.LightningModule):
             raise ValueError("teacher_kind: frozen needs model.teacher, the name or path of the teacher model.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}.")
-        for name in ("micro_batch_size", "loss_chunk_size", "loss_top_k"):
+        for name in ("pointwise_clip", "token_clip"):
+            if getattr(self.hparams, name) is not None and getattr(self.hparams, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {getattr(self.hparams, name)}.")
+        for name in ("micro_batch_size", "loss_chunk_size", "loss_top_k", "topd_window"):
             if getattr(self.hparams, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1, got {getattr(self.hparams, name)}.")
         self.automatic_optimization = False
@@ -214,9 +233,17 @@ class DistillationModule(L.LightningModule):
         aux = []
         if hp.loss == "sampled_token":
             aux = [batch["response_ids"][part][response_mask], batch["behavior_logprobs"][part][response_mask]]
-        return losses.chunked_token_loss(
+        per_token = losses.chunked_token_loss(
             student_rows, teacher_rows, output_head(self.student), teacher_head, self._loss_fn, hp.loss_chunk_size, *aux
         )
+        if hp.token_clip is not None:
+            per_token = losses.kl_token_clip(per_token, hp.token_clip)
+        if hp.topd:
+            # TOPD looks along each sequence: lay the rows back out as [batch, position] and return to rows.
+            grid = per_token.new_zeros(response_mask.shape).masked_scatter(response_mask.bool(), per_token)
+            weighted = losses.topd_token_loss(grid, response_mask, hp.topd_threshold, hp.topd_window, hp.topd_discount)
+            per_token = weighted[response_mask.bool()]
+        return per_token
 
     @property
     def _loss_fn(self):
@@ -231,6 +258,13 @@ class DistillationModule(L.LightningModule):
                 temperature=hp.loss_temperature,
                 tail=hp.loss_top_k_tail,
                 support=hp.loss_top_k_support,
+            )
+        if hp.loss == "pointwise_clip":
+            return partial(
+                losses.pointwise_clipped_divergence,
+                beta=hp.beta,
+                temperature=hp.loss_temperature,
+                clip=hp.pointwise_clip,
             )
         return partial(_sampled_token, temperature=hp.loss_temperature)
 
