@@ -7,11 +7,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from trd_lightning import prompts
 from trd_lightning.data.demo.world import resolve
+from trd_lightning.data.rows import tokenize_rows
 from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.hf import load_tokenizer
@@ -183,10 +183,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             self.val_rows = rows[: self.hparams.max_val_prompts]
 
     def _prepare(self, source: str, split: str, offline: bool = False) -> list[dict]:
-        """Load, check and tokenize one split; rows whose problem alone is too long are dropped.
-
-        An offline refinement round has fixed column names, ``y_o`` and ``y_r`` among them.
-        """
+        """Load, check and tokenize one split (an offline round has fixed column names, ``y_o``/``y_r`` among them)."""
         hp = self.hparams
         dataset = load_rows(source, split, None if offline else hp.subset)
         columns = {"problem": hp.problem_column, "solution": hp.solution_column, "answer": hp.answer_column}
@@ -195,44 +192,23 @@ class OnPolicyDataModule(L.LightningDataModule):
         elif hp.teacher_context != "privileged":
             columns["solution"] = None if hp.solution_column not in dataset.column_names else hp.solution_column
         check_columns(dataset, columns, source)
-        if len(dataset) == 0:
-            raise ValueError(f"Dataset {source!r} split {split!r} is empty: point the data config at rows to train on.")
-        rows, dropped = [], 0
-        for i, example in enumerate(dataset):
-            row = {k: (None if c is None or example[c] is None else str(example[c])) for k, c in columns.items()}
-            ids = self._encode(hp.student_template, row)
-            if len(ids) > hp.max_prompt_length:
-                dropped += 1
-                continue
-            row.update(index=i, prompt_ids=ids, teacher_ids=ids)
-            if hp.teacher_context == "privileged":
-                row["teacher_ids"] = prompts.fit_prompt(
-                    hp.privileged_template,
-                    row,
-                    self.tokenizer,
-                    hp.max_teacher_prompt_length,
-                    ("solution",),
-                    hp.use_chat_template,
-                    hp.chat_template_kwargs,
-                )
-            rows.append(row)
-        if not rows:
-            raise ValueError(
-                f"Every prompt of {source!r} split {split!r} is longer than max_prompt_length="
-                f"{hp.max_prompt_length} tokens: raise data.max_prompt_length."
-            )
+        privileged = hp.privileged_template if hp.teacher_context == "privileged" else None
+        rows = tokenize_rows(
+            dataset,
+            columns,
+            self.tokenizer,
+            hp.student_template,
+            privileged,
+            hp.max_prompt_length,
+            hp.max_teacher_prompt_length,
+            hp.use_chat_template,
+            hp.chat_template_kwargs,
+            f"{source!r} split {split!r}",
+        )
         self.longest_prompt = max(
             self.longest_prompt, *(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in rows)
         )
-        if dropped:
-            rank_zero_info(f"[trd] {source} {split}: dropped {dropped} of {len(dataset)} prompts over the length limit")
         return rows
-
-    def _encode(self, template: str, row: dict) -> list[int]:
-        text = prompts.render(template, **{k: v or "" for k, v in row.items()})
-        return prompts.to_prompt_ids(
-            text, self.tokenizer, self.hparams.use_chat_template, self.hparams.chat_template_kwargs
-        )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
