@@ -152,3 +152,72 @@ def test_the_installed_command_exits_zero(tiny, tmp_path):
         cwd=Path(__file__).parents[1],
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+EVAL_SCHEMAS = {
+    # Each benchmark config against a local file with the columns its hub card lists (no download).
+    "aime24.yaml": (
+        [
+            {
+                "id": i,
+                "problem": f"AIME problem {i}",
+                "solution": "...",
+                "answer": str(100 + i),
+                "url": "u",
+                "year": "2024",
+            }
+            for i in range(3)
+        ],
+        ["100", "101", "102"],
+    ),
+    "math500.yaml": (
+        [
+            {
+                "problem": f"MATH problem {i}",
+                "solution": "...",
+                "answer": f"\\frac{{{i}}}{{2}}",
+                "subject": "Algebra",
+                "level": 3,
+                "unique_id": f"test/{i}.json",
+            }
+            for i in range(3)
+        ],
+        ["\\frac{0}{2}", "\\frac{1}{2}", "\\frac{2}{2}"],
+    ),
+    "gsm8k.yaml": (
+        [
+            {
+                "question": f"Tom has {i} apples...",
+                "answer": f"He has {i} + 1 = <<{i}+1={i + 1}>>{i + 1}.\n#### {i + 1}",
+            }
+            for i in range(3)
+        ],
+        ["1", "2", "3"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVAL_SCHEMAS))
+def test_benchmark_configs_map_their_columns(name, tiny, tmp_path):
+    from datasets import Dataset
+
+    rows, answers = EVAL_SCHEMAS[name]
+    local = tmp_path / "bench.parquet"
+    Dataset.from_list(rows).to_parquet(str(local))
+    cli = cli_main(
+        [
+            "validate",
+            *demo_on_tiny(tiny),
+            "--config",
+            str(CONFIGS[0].parent / "eval" / name),
+            f"--data.val_data={local}",
+            "--data.max_new_tokens=6",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    data = cli.datamodule
+    assert [r["answer"] for r in data.val_rows] == answers
+    problem_column = data.hparams.val_problem_column
+    assert [r["problem"] for r in data.val_rows] == [r[problem_column] for r in rows]
+    k = data.hparams.val_samples
+    assert {f"val/avg@{k}", f"val/pass@{k}"} <= set(cli.trainer.callback_metrics)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from trd_lightning import prompts
 from trd_lightning.data.demo.world import resolve
-from trd_lightning.data.rows import tokenize_rows
+from trd_lightning.data.rows import final_answer, tokenize_rows
 from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.hf import load_tokenizer
@@ -36,6 +36,12 @@ class OnPolicyDataModule(L.LightningDataModule):
         val_data: the dataset to validate on; defaults to ``train_data``.
         val_split: the split to validate on; None turns validation off.
         subset: the hub dataset's configuration name, when it has several.
+        val_subset: the validation dataset's configuration name (e.g. ``main`` for GSM8K).
+        val_problem_column: the validation dataset's problem column; defaults to ``problem_column``.
+        val_answer_column: the validation dataset's answer column; defaults to ``answer_column``.
+        answer_pattern: a regular expression whose first group is the final answer inside an answer column that
+            holds more, e.g. ``(?:####)\\s*(.+)`` for GSM8K (start it with a group, not ``#``: a value read from
+            YAML that starts with ``#`` is a comment); its last match is used. None keeps answers as they are.
         problem_column: the column holding the problem text.
         solution_column: the column holding the reference solution (needed for ``teacher_context: privileged``).
         answer_column: the column holding the final answer, for accuracy; None when there is none.
@@ -84,6 +90,10 @@ class OnPolicyDataModule(L.LightningDataModule):
         val_data: str | None = None,
         val_split: str | None = "validation",
         subset: str | None = None,
+        val_subset: str | None = None,
+        val_problem_column: str | None = None,
+        val_answer_column: str | None = None,
+        answer_pattern: str | None = None,
         problem_column: str = "problem",
         solution_column: str | None = "solution",
         answer_column: str | None = "answer",
@@ -179,20 +189,24 @@ class OnPolicyDataModule(L.LightningDataModule):
             else:
                 self.train_rows = self._prepare(hp.train_data, hp.train_split)
         if stage in ("fit", "validate") and self.val_rows is None and self.hparams.val_split is not None:
-            rows = self._prepare(self.hparams.val_data or self.hparams.train_data, self.hparams.val_split)
+            rows = self._prepare(self.hparams.val_data or self.hparams.train_data, self.hparams.val_split, val=True)
             self.val_rows = rows[: self.hparams.max_val_prompts]
 
-    def _prepare(self, source: str, split: str, offline: bool = False) -> list[dict]:
+    def _prepare(self, source: str, split: str, offline: bool = False, val: bool = False) -> list[dict]:
         """Load, check and tokenize one split (an offline round has fixed column names, ``y_o``/``y_r`` among them)."""
         hp = self.hparams
-        dataset = load_rows(source, split, None if offline else hp.subset)
+        dataset = load_rows(source, split, None if offline else (hp.val_subset if val else hp.subset))
         columns = {"problem": hp.problem_column, "solution": hp.solution_column, "answer": hp.answer_column}
+        if val:
+            columns.update(problem=hp.val_problem_column or hp.problem_column, solution=None)
+            columns["answer"] = hp.val_answer_column or hp.answer_column
         if offline:
             columns = {"problem": "problem", "solution": "solution", "answer": "answer", "y_o": "y_o", "y_r": "y_r"}
-        elif hp.teacher_context != "privileged":
+        elif hp.teacher_context != "privileged" and not val:
             columns["solution"] = None if hp.solution_column not in dataset.column_names else hp.solution_column
         check_columns(dataset, columns, source)
-        privileged = hp.privileged_template if hp.teacher_context == "privileged" else None
+        # Validation prompts the student alone: no teacher prompt to build.
+        privileged = hp.privileged_template if hp.teacher_context == "privileged" and not val else None
         rows = tokenize_rows(
             dataset,
             columns,
@@ -205,6 +219,9 @@ class OnPolicyDataModule(L.LightningDataModule):
             hp.chat_template_kwargs,
             f"{source!r} split {split!r}",
         )
+        if hp.answer_pattern:
+            for row in rows:
+                row["answer"] = final_answer(row["answer"], hp.answer_pattern)
         self.longest_prompt = max(
             self.longest_prompt, *(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in rows)
         )

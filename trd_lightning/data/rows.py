@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -68,3 +69,14 @@ def tokenize_rows(
     if dropped:
         rank_zero_info(f"[trd] {name}: dropped {dropped} of {len(dataset)} prompts over the length limit")
     return rows
+
+
+def final_answer(answer: str | None, pattern: str) -> str | None:
+    """The first group of the last match of ``pattern`` in ``answer`` (the whole answer when nothing matches)."""
+    if answer is None:
+        return None
+    matches = re.findall(pattern, answer)
+    if not matches:
+        return answer
+    last = matches[-1]
+    return (last[0] if isinstance(last, tuple) else last).strip()
