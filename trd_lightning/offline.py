@@ -21,8 +21,6 @@ from trd_lightning.rollout.assemble import pad_left
 from trd_lightning.rollout.refiner import RefinementPlan
 from trd_lightning.verify import is_correct
 
-COLUMNS = ("index", "problem", "solution", "answer", "y_o", "y_r", "correct_o", "correct_r")
-
 
 def shard_path(output: Path, number: int) -> Path:
     return output / f"shard-{number:05d}.parquet"

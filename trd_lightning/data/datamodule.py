@@ -350,11 +350,13 @@ class OnPolicyDataModule(L.LightningDataModule):
         correct = None
         if all(r["answer"] is not None for r in rows):
             correct = [is_correct(t, r["answer"]) for t, r in zip(texts, rows)]
-        contexts = unpad_left(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])
-        contexts = [c for c in contexts for _ in range(repeats)]
+        t_ids = batch["teacher_prompt_ids"].repeat_interleave(repeats, 0)
+        t_mask = batch["teacher_prompt_mask"].repeat_interleave(repeats, 0)
         stats = _rollout_stats(out, correct, rollout_seconds)
 
         response, refined_texts = out, [None] * len(texts)
+        # Refinement gives rows their own teacher contexts; plain OPD/OPSD keeps the collated tensors as they are.
+        contexts = unpad_left(t_ids, t_mask) if self.refiner is not None else None
         if self.hparams.offline_data:
             response, refined_texts = self._from_text(batch["y_r"], prompt_ids.device), list(batch["y_r"])
             contexts = [
@@ -372,7 +374,8 @@ class OnPolicyDataModule(L.LightningDataModule):
             stats.update(result.stats, **{"perf/refine_seconds": time.perf_counter() - start})
 
         student_ids, student_mask = concat_left_padded(prompt_ids, prompt_mask, response.ids, response.mask)
-        t_ids, t_mask = (t.to(prompt_ids.device) for t in pad_left(contexts, self.tokenizer.pad_token_id))
+        if contexts is not None:
+            t_ids, t_mask = (t.to(prompt_ids.device) for t in pad_left(contexts, self.tokenizer.pad_token_id))
         teacher_ids, teacher_mask = concat_left_padded(t_ids, t_mask, response.ids, response.mask)
         width = response.ids.shape[1]
         if not torch.equal(student_ids[:, -width:], teacher_ids[:, -width:]):
