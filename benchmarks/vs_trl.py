@@ -2,7 +2,7 @@
 
     python benchmarks/vs_trl.py                                   # demo world models, demo config sizes
     python benchmarks/vs_trl.py --models tiny --vocab 32768       # in-process Qwen3 pair with a large vocabulary
-    python benchmarks/vs_trl.py --token-sampler inverse_cdf --loss-implementation closed_form --decoder native
+    python benchmarks/vs_trl.py --token-sampler multinomial --loss-implementation checkpointed --decoder generate
 
 What is compared. Both sides train the same student against the same frozen teacher (same tokenizer), offline,
 on CPU, in float32, without gradient checkpointing (TRL's defaults are bf16 and checkpointing on; both are set
@@ -16,7 +16,10 @@ prompts in the order our sampler draws them, and the prompt token ids of every s
 By default every response is exactly ``--max-new-tokens`` long on both sides (the end token is suppressed
 until then with ``min_new_tokens``), so both sides generate, score and train on the same number of tokens per
 step; ``--natural-length`` lets responses end at the end token instead (the token counts are then printed and
-differ). Our answer verification is turned off (``data.answer_column: null``) since TRL has none.
+differ). Our answer verification is turned off (``data.answer_column: null``) since TRL has none. Both sides write
+their metrics every ``--log-every`` steps (TRL's default ``logging_steps``, 10). Our side runs with the library's
+defaults (inverse-CDF draws, the native decoder, the closed-form loss where it applies) unless the flags say
+otherwise.
 
 How it is measured. Each side runs in its own fresh Python process (``OMP_NUM_THREADS=1`` and
 ``torch.set_num_threads(1)``), the sides alternating ``--repeats`` times. The time of step ``s`` is the wall
@@ -176,6 +179,7 @@ def run_ours(spec: dict, out: str) -> None:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--trainer.num_sanity_val_steps=0",
+        f"--trainer.log_every_n_steps={spec['log_every']}",
         f"--trainer.default_root_dir={spec['workdir']}/ours",  # the CLI writes its config.yaml there
         f"--model.student={spec['student']}",
         f"--model.teacher={spec['teacher']}",
@@ -305,7 +309,7 @@ def run_trl(spec: dict, out: str) -> None:
         dataloader_num_workers=0,
         report_to="none",
         save_strategy="no",
-        logging_steps=1,
+        logging_steps=spec["log_every"],
         disable_tqdm=True,
     )
     trainer = Trainer(
@@ -516,22 +520,29 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--natural-length", action="store_true", help="let responses end at the end token")
     parser.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="steps between metric writes on both sides (TRL's logging_steps, our trainer.log_every_n_steps)",
+    )
+    parser.add_argument(
         "--token-sampler",
-        choices=["multinomial", "inverse_cdf"],
-        default="multinomial",
-        help="our data.token_sampler (TRL always uses generate's multinomial draw)",
+        choices=["inverse_cdf", "multinomial"],
+        default="inverse_cdf",
+        help="our data.token_sampler, default ours (TRL always uses generate's multinomial draw)",
     )
     parser.add_argument(
         "--loss-implementation",
-        choices=["checkpointed", "closed_form"],
-        default="checkpointed",
-        help="our model.loss_implementation (closed_form: forward KL with its gradient in closed form, as TRL's)",
+        choices=["auto", "checkpointed", "closed_form"],
+        default="auto",
+        help="our model.loss_implementation, default ours (closed_form: forward KL with its closed-form gradient, as "
+        "TRL's; auto takes it where it applies)",
     )
     parser.add_argument(
         "--decoder",
-        choices=["generate", "native"],
-        default="generate",
-        help="our data.decoder (TRL always uses Hugging Face generate)",
+        choices=["native", "generate"],
+        default="native",
+        help="our data.decoder, default ours (TRL always uses Hugging Face generate)",
     )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -588,6 +599,7 @@ def main() -> None:
             "token_sampler": args.token_sampler,
             "loss_implementation": args.loss_implementation,
             "decoder": args.decoder,
+            "log_every": args.log_every,
         }
         spec_file = work / "spec.json"
         spec_file.write_text(json.dumps(spec))

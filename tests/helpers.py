@@ -62,8 +62,7 @@ def make_run(tiny: dict, root, model: dict | None = None, data: dict | None = No
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=1,
         callbacks=list(callbacks),
-        **{"max_steps": 2, "enable_checkpointing": False, "logger": False, **trainer_kw},
+        **{"max_steps": 2, "enable_checkpointing": False, "logger": False, "log_every_n_steps": 1, **trainer_kw},
     )
     return trainer, DistillationModule(**model_kw), OnPolicyDataModule(**data_kw)

@@ -235,7 +235,9 @@ def test_greedy_generate_kwargs():
 
 
 def test_sampling_generate_kwargs():
-    assert SamplingConfig(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5).generate_kwargs() == {
+    # generate's own draw (sampler multinomial) takes the sampling knobs; inverse_cdf draws itself (greedy kwargs).
+    multinomial = {"sampler": "multinomial", "decoder": "generate"}
+    assert SamplingConfig(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5, **multinomial).generate_kwargs() == {
         "do_sample": True,
         "temperature": 0.7,
         "top_p": 0.9,
@@ -243,7 +245,9 @@ def test_sampling_generate_kwargs():
         "max_new_tokens": 7,
     }
     # top_k 0 means off, which generate spells None.
-    assert SamplingConfig(top_k=0).generate_kwargs()["top_k"] is None
+    assert SamplingConfig(top_k=0, **multinomial).generate_kwargs()["top_k"] is None
+    drawn_by_us = SamplingConfig(max_new_tokens=7, temperature=0.7).generate_kwargs()
+    assert drawn_by_us == {"do_sample": False, "max_new_tokens": 7}
 
 
 # ---------------------------------------------------------------- resumable sampler

@@ -7,8 +7,10 @@ import pytest
 import torch
 from helpers import Recorder, make_run
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 
-from trd_lightning import DistillationModule
+from trd_lightning import DistillationModule, losses
+from trd_lightning.hf import output_head
 from trd_lightning.lora import LoraOptions
 
 
@@ -135,6 +137,99 @@ def test_closed_form_loss_trains_like_the_checkpointed_one(tiny, tmp_path):
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(second[key], first[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_auto_loss_implementation_takes_the_closed_form_where_it_applies(tiny, tmp_path, monkeypatch):
+    """``auto`` (the default) runs forward KL in closed form; other losses and soft-capped heads go checkpointed."""
+    calls = []
+    closed_form = losses.closed_form_forward_kl
+    monkeypatch.setattr(losses, "closed_form_forward_kl", lambda *a, **k: calls.append(1) or closed_form(*a, **k))
+    for i, (model, expect) in enumerate((({}, True), ({"beta": 0.5}, False), ({"loss": "topk"}, False))):
+        calls.clear()
+        trainer, module, data = make_run(tiny, tmp_path / str(i), model=model, max_steps=1)
+        assert module.hparams.loss_implementation == "auto"
+        trainer.fit(module, data)
+        assert bool(calls) == expect, model
+    # A soft-capped head is not a plain linear map: auto falls back rather than refusing.
+    module.hparams.update(beta=0.0, loss="jsd")
+    module.student.config.final_logit_softcapping = 30.0
+    assert module._closed_form_weights(output_head(module.teacher)) is None
+    module.student.config.final_logit_softcapping = None
+    assert module._closed_form_weights(output_head(module.teacher)) is not None
+
+
+class WrittenMetrics(Logger):
+    """A logger that keeps the metric names written at each step (and, optionally, the values)."""
+
+    def __init__(self, values: bool = False) -> None:
+        super().__init__()
+        self.written: dict[int, set[str]] = {}
+        self.values: list[dict[str, float]] = []  # every write's values, in order, when ``values``
+        self.keep_values = values
+
+    name, version = "written", 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self.written.setdefault(step, set()).update(metrics)
+        if self.keep_values:
+            self.values.append(dict(metrics))
+
+
+class LoggedNames(L.Callback):
+    """The names the module passes to ``self.log`` in each batch, in batch order."""
+
+    def __init__(self) -> None:
+        self.batches: list[set[str]] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log = pl_module.log
+
+        def spy(name, *args, **kwargs):
+            self.batches[-1].add(name)
+            return log(name, *args, **kwargs)
+
+        pl_module.log = spy
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(set())
+
+
+def test_step_statistics_are_logged_on_the_steps_the_logger_writes(tiny, tmp_path):
+    """With log_every_n_steps=2, batches 1 and 3 log every statistic; batches 0 and 2 log train/loss only."""
+    logger, names, rec = WrittenMetrics(), LoggedNames(), Recorder()
+    trainer, module, data = make_run(
+        tiny, tmp_path, callbacks=[names, rec], max_steps=4, logger=logger, log_every_n_steps=2
+    )
+    trainer.fit(module, data)
+    statistics = {"train/loss", "train/grad_norm", "train/token_loss_std", "train/lr", "perf/rollout_seconds"}
+    assert len(names.batches) == 4
+    assert names.batches[0] == names.batches[2] == {"train/loss"}
+    assert statistics <= names.batches[1] and statistics <= names.batches[3]
+    assert len(logger.written) == 2
+    assert all(statistics <= written for written in logger.written.values())
+    assert sorted(rec.losses) == [1, 2, 3, 4]  # train/loss reaches the callbacks after every step
+    assert len(set(rec.losses.values())) == 4
+
+
+def test_grad_norm_is_logged_before_clipping(tiny, tmp_path):
+    """train/grad_norm is the float64 norm of the unclipped gradients; the optimizer sees them clipped."""
+    for max_norm in (1e9, 1e-3):
+        logger, rec = WrittenMetrics(values=True), Recorder(grads=True)
+        trainer, module, data = make_run(
+            tiny, tmp_path / str(max_norm), model={"max_grad_norm": max_norm}, callbacks=[rec], logger=logger
+        )
+        trainer.fit(module, data)
+        for step, grads in enumerate(rec.grads):
+            norm = torch.cat([g.double().flatten() for g in grads.values()]).norm().item()
+            logged = logger.values[step]["train/grad_norm"]
+            if max_norm > 1:
+                assert logged == pytest.approx(norm, rel=1e-5)
+            else:  # clip_grad_norm_ scales by max_norm / (norm + 1e-6)
+                assert logged > 2 * max_norm
+                assert norm == pytest.approx(logged * max_norm / (logged + 1e-6), rel=1e-5)
 
 
 def test_closed_form_loss_refuses_other_losses():

@@ -72,9 +72,10 @@ class DistillationModule(L.LightningModule):
         topd_discount: the discount of the spread weight per token.
         micro_batch_size: sequences per forward/backward; a memory knob only, it must divide the step's rollouts.
         loss_chunk_size: response positions per loss chunk; bounds the logits held at once.
-        loss_implementation: ``checkpointed`` (any loss: each chunk's loss graph is recomputed in backward) or
+        loss_implementation: ``checkpointed`` (any loss: each chunk's loss graph is recomputed in backward),
             ``closed_form`` (forward KL only, ``loss: jsd`` with ``beta: 0``, bias-free output heads, unsharded:
-            backward applies the known gradient to recomputed logits; faster, and fewer vocabulary-sized tensors).
+            backward applies the known gradient to recomputed logits; faster, and fewer vocabulary-sized tensors)
+            or ``auto``: ``closed_form`` wherever it applies, else ``checkpointed`` (same loss, same gradient).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -108,7 +109,7 @@ class DistillationModule(L.LightningModule):
         topd_discount: float = 0.9,
         micro_batch_size: int = 8,
         loss_chunk_size: int = 1024,
-        loss_implementation: Literal["checkpointed", "closed_form"] = "checkpointed",
+        loss_implementation: Literal["auto", "checkpointed", "closed_form"] = "auto",
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -199,7 +200,8 @@ class DistillationModule(L.LightningModule):
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         stats = self.trainer.datamodule.produce(batch, self)
         self._produce_seconds = stats["perf/rollout_seconds"] + stats.get("perf/refine_seconds", 0.0)
-        self.log_dict(stats, batch_size=len(batch["response_ids"]))
+        if self._logger_writes():
+            self.log_dict(stats, batch_size=len(batch["response_ids"]))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()
@@ -219,11 +221,7 @@ class DistillationModule(L.LightningModule):
                 per_token = self.token_losses(batch, part)
                 self.manual_backward(per_token.sum() * scale)
             token_losses.append(per_token.detach())
-        grad_norm = None
-        if self.hparams.max_grad_norm is not None:
-            grad_norm = self.clip_gradients(
-                opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
-            )
+        grad_norm = None if self.hparams.max_grad_norm is None else self._clip_gradients(opt)
         opt.step()
         scheduler.step()
         if self.hparams.teacher_kind == "shared" and self.hparams.shared_weights == "ema":
@@ -233,6 +231,17 @@ class DistillationModule(L.LightningModule):
         self._log_step(loss, token_losses, total, grad_norm, time.perf_counter() - start)
         return loss
 
+    def _clip_gradients(self, opt) -> torch.Tensor:
+        """Clip the optimizer's gradients to ``max_grad_norm``; returns their total norm before clipping.
+
+        ``LightningModule.clip_gradients`` clips the same parameters (the precision plugin's) but drops the norm.
+        """
+        from torch.distributed.tensor import DTensor
+
+        params = list(self.trainer.precision_plugin.main_params(opt))
+        norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
     def token_losses(self, batch: dict, part: slice) -> torch.Tensor:
         """Per-response-token losses of the rows ``part`` of a produced batch (student graph attached)."""
         hp = self.hparams
@@ -241,14 +250,10 @@ class DistillationModule(L.LightningModule):
         aux = []
         if hp.loss == "sampled_token":
             aux = [batch["response_ids"][part][response_mask], batch["behavior_logprobs"][part][response_mask]]
-        if hp.loss_implementation == "closed_form":
+        weights = self._closed_form_weights(teacher_head)
+        if weights is not None:
             per_token = losses.closed_form_forward_kl(
-                student_rows,
-                teacher_rows,
-                _linear_weight(output_head(self.student)),
-                _linear_weight(teacher_head),
-                hp.loss_temperature,
-                hp.loss_chunk_size,
+                student_rows, teacher_rows, *weights, hp.loss_temperature, hp.loss_chunk_size
             )
         else:
             per_token = losses.chunked_token_loss(
@@ -269,6 +274,19 @@ class DistillationModule(L.LightningModule):
             )
             per_token = weighted[response_mask.bool()]
         return per_token
+
+    def _closed_form_weights(self, teacher_head) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The two head weights when the loss runs in closed form, else None (``loss_implementation``)."""
+        hp = self.hparams
+        heads = (output_head(self.student), teacher_head)
+        if hp.loss_implementation == "closed_form":
+            return tuple(_linear_weight(head) for head in heads)
+        if hp.loss_implementation == "checkpointed" or hp.loss != "jsd" or hp.beta != 0.0:
+            return None
+        try:
+            return tuple(_linear_weight(head) for head in heads)
+        except ValueError:  # a soft-capped, biased or sharded head: the checkpointed path computes the same loss
+            return None
 
     def _response_hidden(self, batch: dict, part: slice):
         """Student and teacher hidden states at the response positions of rows ``part``, and the teacher's head."""
@@ -347,8 +365,20 @@ class DistillationModule(L.LightningModule):
             )
         return partial(_sampled_token, temperature=hp.loss_temperature)
 
+    def _logger_writes(self) -> bool:
+        """True on the steps the logger writes (``trainer.log_every_n_steps``).
+
+        Each ``self.log`` costs about a millisecond of Lightning's bookkeeping, a few percent of a small model's
+        step, so the step's statistics are only logged when they will be written; ``train/loss`` is logged every
+        step for the progress bar and callbacks. Lightning's own monitors gate on the same private property.
+        """
+        return self.trainer._logger_connector.should_update_logs
+
     def _log_step(self, loss, token_losses: torch.Tensor, total: torch.Tensor, grad_norm, seconds: float) -> None:
         n = max(token_losses.numel(), 1)
+        if not self._logger_writes():
+            self.log("train/loss", loss, batch_size=n)
+            return
         step_seconds = seconds + self._produce_seconds
         metrics = {
             "train/loss": loss,

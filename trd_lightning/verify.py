@@ -26,8 +26,6 @@ import subprocess
 import sys
 import threading
 
-from math_verify import parse, verify
-
 # The helper loads this file by path: importing the package would pull in torch and lightning for nothing.
 _BOOT = (
     "import importlib.util as u, sys; s = u.spec_from_file_location('trd_verify_helper', sys.argv[1]); "
@@ -50,6 +48,9 @@ os.register_at_fork(after_in_child=_forget_helper)
 
 
 def _parse(text: str, seconds: int) -> list:
+    # Imported on first use: math-verify brings sympy's LaTeX parser, which runs without answers never need.
+    from math_verify import parse
+
     try:
         return parse(text, parsing_timeout=seconds)
     except Exception:  # a malformed rollout is a wrong answer, never a crash
@@ -68,6 +69,8 @@ def _is_correct(response: str, gold: str, seconds: int) -> bool:
     reference = _parse_answer(f"\\boxed{{{gold}}}", seconds) or _parse_answer(gold, seconds)
     if not target or not reference:
         return False
+    from math_verify import verify
+
     try:
         return bool(verify(reference, target, timeout_seconds=seconds))
     except Exception:
@@ -78,6 +81,8 @@ def _serve() -> None:
     """Helper process loop: answers pickled ``(name, args)`` requests on stdin, one at a time."""
     out, sys.stdout = sys.stdout.buffer, sys.stderr  # stray prints must not corrupt the replies
     functions = {"parse_answer": _parse_answer, "is_correct": _is_correct}
+    import math_verify  # noqa: F401  (before "ready": the startup wait pays for the import, not the first check)
+
     pickle.dump("ready", out)
     out.flush()
     while True:

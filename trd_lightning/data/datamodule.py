@@ -77,16 +77,17 @@ class OnPolicyDataModule(L.LightningDataModule):
         refine_top_p: the refiner's nucleus sampling mass.
         refine_top_k: the refiner's top-k sampling (0 turns it off).
         generation_cache: the key/value cache of every generation (rollouts, validation, refinement): ``dynamic``
-            (grows with the sequence) or ``static`` (allocated once at full length, fixed shapes; needed by
-            ``compile_generation``).
+            (grows with the sequence) or ``static`` (``decoder: generate`` only; allocated once at full length, fixed
+            shapes; needed by ``compile_generation``).
         compile_generation: ``torch.compile`` the decoding steps of every generation (needs ``generation_cache:
             static``); each model compiles on its first generation, which is slow, and again when its batch size
             changes or a longer sequence than any before grows its cache.
-        token_sampler: how sampled tokens are drawn: ``multinomial`` (``generate``'s own) or ``inverse_cdf`` (one
-            uniform number per row in the cumulative distribution; the same distribution, much less random-number
-            work per token at large vocabularies; see ``SamplingConfig``).
-        decoder: ``generate`` (Hugging Face's) or ``native`` (a plain decoding loop with a dynamic cache, the same
-            sampling rules, and less per-token overhead; see ``SamplingConfig``).
+        token_sampler: how ``generate`` draws sampled tokens: ``inverse_cdf`` (one uniform number per row in the
+            cumulative distribution; the same distribution, much less random-number work per token at large
+            vocabularies) or ``multinomial`` (``generate``'s own); see ``SamplingConfig``.
+        decoder: ``native`` (a plain decoding loop with a dynamic cache, inverse-CDF draws under the same sampling
+            rules, less per-token overhead) or ``generate`` (Hugging Face's: needed for ``generation_cache: static``
+            and ``compile_generation``); see ``SamplingConfig``.
         offline_data: train on a refinement round written by ``trd refine`` (a folder of shards) instead of
             generating: the student learns each row's ``y_r``, scored after the refine prompt of its ``y_o``.
         seed: seed of the data order and of the rollouts (each step's rollout is seeded from it and the step).
@@ -136,8 +137,8 @@ class OnPolicyDataModule(L.LightningDataModule):
         refine_top_k: int = 20,
         generation_cache: Literal["dynamic", "static"] = "dynamic",
         compile_generation: bool = False,
-        token_sampler: Literal["multinomial", "inverse_cdf"] = "multinomial",
-        decoder: Literal["generate", "native"] = "generate",
+        token_sampler: Literal["multinomial", "inverse_cdf"] = "inverse_cdf",
+        decoder: Literal["generate", "native"] = "native",
         offline_data: str | None = None,
         seed: int = 0,
         num_workers: int = 0,

@@ -24,14 +24,14 @@ class SamplingConfig:
             decoding step has the same shapes.
         compile: run the decoding steps through ``torch.compile`` (Hugging Face's ``CompileConfig`` defaults, on
             any device); needs ``cache="static"``. The first call per model pays the compilation.
-        sampler: how a token is drawn from the tempered, top-k/top-p filtered distribution: ``multinomial``
-            (``generate``'s own ``torch.multinomial``) or ``inverse_cdf`` (one uniform number per row looked up in
-            the cumulative distribution: the same distribution, without drawing random numbers over the whole
-            vocabulary at every token, which dominates generation on CPU at large vocabularies).
-        decoder: ``generate`` (Hugging Face's) or ``native``: a plain loop over the model's forward with a dynamic
-            key/value cache and the same sampling rules, without ``generate``'s per-token machinery (which
-            dominates for small models). Honours the model's ``generation_config.min_new_tokens``; not combined
-            with the static cache or compilation.
+        sampler: how ``generate`` draws a token from the tempered, top-k/top-p filtered distribution:
+            ``inverse_cdf`` (one uniform number per row looked up in the cumulative distribution: the same
+            distribution, without drawing random numbers over the whole vocabulary at every token, which dominates
+            generation on CPU at large vocabularies) or ``multinomial`` (``generate``'s own ``torch.multinomial``).
+        decoder: ``native``: a plain loop over the model's forward with a dynamic key/value cache, drawing by
+            inverse CDF under the same sampling rules, without ``generate``'s per-token machinery (which dominates
+            for small models); honours the model's ``generation_config.min_new_tokens``. ``generate``: Hugging
+            Face's, for the static cache, compilation or a model whose forward lacks ``logits_to_keep``.
     """
 
     max_new_tokens: int = 256
@@ -40,8 +40,8 @@ class SamplingConfig:
     top_k: int = 0
     cache: Literal["dynamic", "static"] = "dynamic"
     compile: bool = False
-    sampler: Literal["multinomial", "inverse_cdf"] = "multinomial"
-    decoder: Literal["generate", "native"] = "generate"
+    sampler: Literal["multinomial", "inverse_cdf"] = "inverse_cdf"
+    decoder: Literal["generate", "native"] = "native"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -60,7 +60,7 @@ class SamplingConfig:
             raise ValueError(f"decoder must be 'generate' or 'native', got {self.decoder!r}.")
         if self.decoder == "native" and (self.cache != "dynamic" or self.compile):
             raise ValueError(
-                "the native decoder keeps a dynamic cache and is not compiled: use decoder 'generate' with "
+                "the native decoder keeps a dynamic cache and is not compiled: set data.decoder: generate to use "
                 "generation_cache: static or compile_generation."
             )
         if self.compile and self.cache != "static":
