@@ -3,17 +3,20 @@
     OMP_NUM_THREADS=2 python benchmarks/rollout_speed.py                          # the demo world's student
     OMP_NUM_THREADS=2 python benchmarks/rollout_speed.py --hidden 512 --layers 8  # a random Qwen3 of that size
 
-Three paths, each through ``OnPolicyDataModule.sample`` (the training rollout's own call) with the same prompt
-batches (``batch_size`` demo problems each, as the DataModule batches them) and the same seeds:
+Four paths, each through ``OnPolicyDataModule.sample`` (the training rollout's own call) with the same prompt
+batches (``batch_size`` demo problems each, as the DataModule batches them) and the same seeds, all drawing
+tokens by inverse CDF (``token_sampler: inverse_cdf``, the default):
 
-* ``default``: ``generation_cache: dynamic`` (Hugging Face's growing cache);
-* ``static``: ``generation_cache: static`` (a preallocated cache with fixed shapes);
-* ``static+compile``: ``generation_cache: static`` and ``compile_generation: true`` (decoding steps compiled).
+* ``default``: the native decoding loop (``decoder: native``, a dynamic cache);
+* ``generate``: Hugging Face ``generate`` (``decoder: generate``) with its growing cache;
+* ``static``: ``generate`` with ``generation_cache: static`` (a preallocated cache with fixed shapes);
+* ``static+compile``: ``generate`` with the static cache and ``compile_generation: true`` (decoding steps
+  compiled).
 
 Each path gets its own copy of the model, loaded from the same weights, because compiled code and the static
 cache's length are kept on the model. The first round of every path is a warm-up (for ``static+compile`` it
 includes the compilation) and is reported on its own; the timed rounds then interleave the paths, so a change in
-the machine's load during the run affects all three alike. Tokens are response tokens (the end-of-sequence token
+the machine's load during the run affects all four alike. Tokens are response tokens (the end-of-sequence token
 included, nothing after it); tokens per second is their total over the timed rounds divided by the total seconds.
 The script also checks that every path produced the same rollouts as ``default``.
 """
@@ -32,9 +35,10 @@ from trd_lightning.data.demo.world import resolve
 from trd_lightning.hf import load_causal_lm, load_tokenizer
 
 PATHS = {
-    "default": {"generation_cache": "dynamic", "compile_generation": False},
-    "static": {"generation_cache": "static", "compile_generation": False},
-    "static+compile": {"generation_cache": "static", "compile_generation": True},
+    "default": {},
+    "generate": {"decoder": "generate"},
+    "static": {"decoder": "generate", "generation_cache": "static"},
+    "static+compile": {"decoder": "generate", "generation_cache": "static", "compile_generation": True},
 }
 
 

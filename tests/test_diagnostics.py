@@ -185,6 +185,15 @@ def test_prefix_monitor_names_the_missing_method():
         fit_toy(torch.zeros(2, 2, 2), torch.ones(2, 2, dtype=torch.bool), [PrefixFailureMonitor(1)])
 
 
+def test_gradient_monitor_refuses_sharded_strategies():
+    from trd_lightning import FSDP2Strategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), logger=False)
+    with pytest.raises(ValueError, match="unsharded"):
+        GradientFragmentationMonitor().setup(trainer, None, "fit")
+    GradientFragmentationMonitor().setup(L.Trainer(accelerator="cpu", devices=1, logger=False), None, "fit")
+
+
 def test_probe_parameters_prefer_lora_then_last_block_and_head(tiny):
     from transformers import AutoModelForCausalLM
 

@@ -23,6 +23,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from trd_lightning.callbacks.periodic import PeriodicBatchCallback, suffix
@@ -66,6 +67,15 @@ class GradientFragmentationMonitor(PeriodicBatchCallback):
         self.divergence_logprob = divergence_logprob
         self.divergence_loss = divergence_loss
         self.probe = probe
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # FSDP gathers sharded parameters outside autograd, so autograd.grad sees them as unused: per-sequence
+        # gradients would come back missing or partial. Refuse before the models load rather than log nonsense.
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise ValueError(
+                "GradientFragmentationMonitor needs whole (unsharded) parameters to take per-sequence gradients and "
+                f"does not run under {type(trainer.strategy).__name__}: measure on one device or without sharding."
+            )
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, batch) -> None:
         if not hasattr(pl_module, "sequence_token_losses"):
