@@ -28,9 +28,9 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
 
 from trd_lightning.data.datamodule import OnPolicyDataModule
+from trd_lightning.data.demo.random_model import random_qwen3
 from trd_lightning.data.demo.world import resolve
 from trd_lightning.hf import load_causal_lm, load_tokenizer
 
@@ -40,28 +40,6 @@ PATHS = {
     "static": {"decoder": "generate", "generation_cache": "static"},
     "static+compile": {"decoder": "generate", "generation_cache": "static", "compile_generation": True},
 }
-
-
-def random_qwen3(folder: str, hidden: int, layers: int) -> str:
-    """A randomly initialised Qwen3 of the given size on the demo tokenizer, saved to ``folder``."""
-    tokenizer = load_tokenizer(resolve("trd-demo/tokenizer"))
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 128),
-        head_dim=64 if hidden >= 64 else hidden,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def main() -> None:
@@ -76,7 +54,8 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        name = random_qwen3(tmp, args.hidden, args.layers) if args.hidden else resolve(args.model)
+        tokenizer = load_tokenizer(resolve("trd-demo/tokenizer"))
+        name = random_qwen3(tmp, tokenizer, args.hidden, args.layers, 0) if args.hidden else resolve(args.model)
         modules = {
             path: OnPolicyDataModule(
                 tokenizer=name,

@@ -328,37 +328,16 @@ def run_trl(spec: dict, out: str) -> None:
 # ------------------------------------------------------------------------------------------------ setup
 def build_tiny(root: Path, args: argparse.Namespace) -> tuple[str, str]:
     """A tiny Qwen3 student and teacher with the demo tokenizer, built in-process and saved (as the tests do)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
     from transformers.utils import logging
 
+    from trd_lightning.data.demo.random_model import random_qwen3
     from trd_lightning.data.demo.tokenizer import build_tokenizer
 
     logging.disable_progress_bar()
     tokenizer = build_tokenizer()
-    paths = []
-    for name, hidden, layers, seed in (
-        ("student", args.student_hidden, args.student_layers, 1),
-        ("teacher", args.teacher_hidden, args.teacher_layers, 2),
-    ):
-        config = Qwen3Config(
-            vocab_size=max(args.vocab, len(tokenizer)),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=hidden // 4,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        torch.manual_seed(seed)
-        AutoModelForCausalLM.from_config(config).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        paths.append(str(root / name))
-    return paths[0], paths[1]
+    student = random_qwen3(root / "student", tokenizer, args.student_hidden, args.student_layers, 1, args.vocab)
+    teacher = random_qwen3(root / "teacher", tokenizer, args.teacher_hidden, args.teacher_layers, 2, args.vocab)
+    return student, teacher
 
 
 def our_order(n: int, seed: int) -> list[int]:

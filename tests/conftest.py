@@ -10,35 +10,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
 
+from trd_lightning.data.demo.random_model import random_qwen3
 from trd_lightning.data.demo.task import make_rows
 from trd_lightning.data.demo.tokenizer import build_tokenizer
 
 
-def tiny_config(tokenizer, hidden: int = 32, layers: int = 2, vocab: int | None = None) -> Qwen3Config:
-    return Qwen3Config(
-        vocab_size=vocab or len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-
-
-def save_model(path, tokenizer, seed: int, **kw) -> str:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(tokenizer, **kw))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def save_model(path, tokenizer, seed: int, hidden: int, layers: int, vocab: int | None = None) -> str:
+    return random_qwen3(path, tokenizer, hidden, layers, seed, vocab, max_positions=512)
 
 
 @pytest.fixture(scope="session")
