@@ -370,18 +370,17 @@ class DistillationModule(L.LightningModule):
 
         Each ``self.log`` costs about a millisecond of Lightning's bookkeeping, a few percent of a small model's
         step, so the step's statistics are only logged when they will be written; ``train/loss`` is logged every
-        step for the progress bar and callbacks. Lightning's own monitors gate on the same private property.
+        step (progress bar, ``trainer.callback_metrics``). Lightning's own monitors gate on the same private property.
         """
         return self.trainer._logger_connector.should_update_logs
 
     def _log_step(self, loss, token_losses: torch.Tensor, total: torch.Tensor, grad_norm, seconds: float) -> None:
         n = max(token_losses.numel(), 1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if not self._logger_writes():
-            self.log("train/loss", loss, batch_size=n)
             return
         step_seconds = seconds + self._produce_seconds
         metrics = {
-            "train/loss": loss,
             "train/token_loss_max": token_losses.max() if token_losses.numel() else 0.0,
             "train/token_loss_std": token_losses.std() if n > 1 else 0.0,
             "train/response_tokens": total,
