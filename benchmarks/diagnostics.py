@@ -1,8 +1,8 @@
 """What the prefix-failure monitors cost, and what they show on the demo world: y_o against y_r.
 
-    python benchmarks/diagnostics.py --config configs/demo_trd.yaml --steps 200
+    python benchmarks/diagnostics.py --config configs/demo.yaml configs/trd.yaml --steps 200
 
-Runs the config twice in this process, from the same seed: without GradientFragmentationMonitor and
+Runs the configs (stacked) twice in this process, from the same seed: without GradientFragmentationMonitor and
 PrefixFailureMonitor, then with both at their default settings (every 50 steps). Prints the training-step time of
 each run (rollout, refinement, loss and monitors; validation excluded) and their ratio, the monitors' own share
 of the monitored run, and, per measured step, the monitors' y_o and y_r values side by side.
@@ -70,9 +70,9 @@ class Timed:
         monitor.measure = timed
 
 
-def run(config: str, steps: int, monitored: bool, root: Path) -> tuple[StepClock, float]:
+def run(configs: list[str], steps: int, monitored: bool, root: Path) -> tuple[StepClock, float]:
     argv = [
-        "--config", config,
+        *(arg for config in configs for arg in ("--config", config)),
         "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", str(steps),
         "--trainer.enable_progress_bar", "false",
@@ -96,7 +96,7 @@ def run(config: str, steps: int, monitored: bool, root: Path) -> tuple[StepClock
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo_trd.yaml")
+    parser.add_argument("--config", nargs="+", default=["configs/demo.yaml", "configs/trd.yaml"])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--runs", default="runs/diagnostics", help="TensorBoard logs of the two runs")
     args = parser.parse_args()
@@ -104,7 +104,7 @@ def main() -> None:
     plain, _ = run(args.config, args.steps, False, Path(args.runs))
     monitored, monitor_seconds = run(args.config, args.steps, True, Path(args.runs))
     base, with_monitors = sum(plain.seconds), sum(monitored.seconds)
-    print(f"\n{args.config}, {args.steps} steps, monitors at their defaults (every 50 steps)")
+    print(f"\n{' + '.join(args.config)}, {args.steps} steps, monitors at their defaults (every 50 steps)")
     print(f"training-step time without monitors: {base:.1f} s ({base / args.steps * 1000:.0f} ms/step)")
     print(
         f"training-step time with monitors:    {with_monitors:.1f} s ({with_monitors / args.steps * 1000:.0f} ms/step)"

@@ -3,11 +3,11 @@
     OMP_NUM_THREADS=2 python benchmarks/rollout_speed.py                          # the demo world's student
     OMP_NUM_THREADS=2 python benchmarks/rollout_speed.py --hidden 512 --layers 8  # a random Qwen3 of that size
 
-Four paths, each through ``OnPolicyDataModule.sample`` (the training rollout's own call) with the same prompt
-batches (``batch_size`` demo problems each, as the DataModule batches them) and the same seeds, all drawing
-tokens by inverse CDF (``token_sampler: inverse_cdf``, the default):
+Four paths, each through ``LocalEngine.generate`` (the training rollout's own call) with the same prompt
+batches (``batch_size`` demo problems each, as the DataModule batches them) and the same per-row seeds, all drawing
+tokens by inverse CDF:
 
-* ``default``: the native decoding loop (``decoder: native``, a dynamic cache);
+* ``default``: the native decoding loop (``data.rollout.decoder: native``, a dynamic cache);
 * ``generate``: Hugging Face ``generate`` (``decoder: generate``) with its growing cache;
 * ``static``: ``generate`` with ``generation_cache: static`` (a preallocated cache with fixed shapes);
 * ``static+compile``: ``generate`` with the static cache and ``compile_generation: true`` (decoding steps
@@ -32,13 +32,17 @@ import torch
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.data.demo.random_model import random_qwen3
 from trd_lightning.data.demo.world import resolve
+from trd_lightning.data.options import ValidationOptions
 from trd_lightning.hf import load_causal_lm, load_tokenizer
+from trd_lightning.rollout.engines import EngineOptions, LocalEngine, end_token_ids
+from trd_lightning.rollout.sampling import SamplingConfig
+from trd_lightning.rollout.seeds import row_seeds
 
 PATHS = {
-    "default": {},
-    "generate": {"decoder": "generate"},
-    "static": {"decoder": "generate", "generation_cache": "static"},
-    "static+compile": {"decoder": "generate", "generation_cache": "static", "compile_generation": True},
+    "default": EngineOptions(),
+    "generate": EngineOptions(decoder="generate"),
+    "static": EngineOptions(decoder="generate", cache="static"),
+    "static+compile": EngineOptions(decoder="generate", cache="static", compile=True),
 }
 
 
@@ -56,23 +60,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_tokenizer(resolve("trd-demo/tokenizer"))
         name = random_qwen3(tmp, tokenizer, args.hidden, args.layers, 0) if args.hidden else resolve(args.model)
-        modules = {
-            path: OnPolicyDataModule(
-                tokenizer=name,
-                train_data="trd-demo",
-                val_split=None,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                **options,
-            )
-            for path, options in PATHS.items()
-        }
-        for dm in modules.values():
-            dm.setup("fit")
-        loader = iter(modules["default"].train_dataloader())
+        data = OnPolicyDataModule(
+            tokenizer=name, train_data="trd-demo", validation=ValidationOptions(split=None), batch_size=args.batch_size
+        )
+        data.setup("fit")
+        loader = iter(data.train_dataloader())
         batches = [next(loader) for _ in range(args.rounds + 1)]
         models = {path: load_causal_lm(name) for path in PATHS}
+        sampling = SamplingConfig(args.max_new_tokens, args.temperature)
+        engines = {
+            path: LocalEngine(models[path], end_token_ids(models[path], tokenizer), tokenizer.pad_token_id, options)
+            for path, options in PATHS.items()
+        }
         size = sum(p.numel() for p in models["default"].parameters())
         print(
             f"model {args.model if not args.hidden else f'random Qwen3 hidden {args.hidden}, {args.layers} layers'} "
@@ -81,9 +80,10 @@ def main() -> None:
         )
 
         def rollout(path: str, round_: int) -> tuple[torch.Tensor, float]:
-            dm, batch = modules[path], batches[round_]
+            batch = batches[round_]
+            seeds = row_seeds(0, round_, "rollout", batch.index)
             start = time.perf_counter()
-            out = dm.sample(models[path], batch["prompt_ids"], batch["prompt_mask"], dm.sampling, seed=round_)
+            out = engines[path].generate(batch.prompts, sampling, seeds)
             return out.ids.masked_fill(~out.mask, -1), time.perf_counter() - start
 
         warmup = {path: rollout(path, 0)[1] for path in PATHS}

@@ -27,15 +27,16 @@ import lightning as L
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (config, extra CLI overrides). The two token-level fixes are the TRD authors' baselines: per-token
+OPD, OPSD, TRD = ["configs/demo.yaml"], ["configs/demo_opsd.yaml"], ["configs/trd.yaml"]
+# name -> (configs, extra CLI overrides). The two token-level fixes are the TRD authors' baselines: per-token
 # loss truncation at 0.1 and the OPSD authors' per-vocabulary-entry clip at 0.05, both on OPD.
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "OPD": ("configs/demo.yaml", []),
-    "OPSD": ("configs/demo_opsd.yaml", []),
-    "TRD-OPD": ("configs/demo_trd.yaml", []),
-    "TRD-OPSD": ("configs/demo_trd_opsd.yaml", []),
-    "OPD + token clip": ("configs/demo.yaml", ["--model.token_clip", "0.1"]),
-    "OPD + pointwise clip": ("configs/demo.yaml", ["--model.loss", "pointwise_clip", "--model.pointwise_clip", "0.05"]),
+METHODS: dict[str, tuple[list[str], list[str]]] = {
+    "OPD": (OPD, []),
+    "OPSD": (OPSD, []),
+    "TRD-OPD": (OPD + TRD, []),
+    "TRD-OPSD": (OPSD + TRD, []),
+    "OPD + token clip": (OPD, ["--model.token_clip", "0.1"]),
+    "OPD + pointwise clip": (OPD, ["--model.loss", "pointwise_clip", "--model.pointwise_clip", "0.05"]),
 }
 
 
@@ -63,9 +64,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     from trd_lightning.cli import cli_main
 
     torch.set_num_threads(args.threads)
-    config, extra = METHODS[method]
+    configs, extra = METHODS[method]
     argv = [
-        "--config", str(ROOT / config), *extra,
+        *(arg for config in configs for arg in ("--config", str(ROOT / config))), *extra,
         "--seed_everything", str(seed),
         "--data.seed", str(seed),
         "--trainer.max_steps", str(args.steps),
@@ -75,8 +76,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
         "--trainer.logger.init_args.save_dir", str(Path(args.runs)),
         "--trainer.logger.init_args.name", slug(method),
         "--trainer.logger.init_args.version", f"seed{seed}",
-        "--data.val_samples", str(args.samples),
-        "--data.val_temperature", "1.0",
+        "--data.validation.samples", str(args.samples),
+        "--data.validation.temperature", "1.0",
     ]  # fmt: skip
     start = time.perf_counter()
     cli = cli_main(argv, run=False)

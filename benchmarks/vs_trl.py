@@ -2,7 +2,7 @@
 
     python benchmarks/vs_trl.py                                   # demo world models, demo config sizes
     python benchmarks/vs_trl.py --models tiny --vocab 32768       # in-process Qwen3 pair with a large vocabulary
-    python benchmarks/vs_trl.py --token-sampler multinomial --loss-implementation checkpointed --decoder generate
+    python benchmarks/vs_trl.py --loss-implementation checkpointed --decoder generate
 
 What is compared. Both sides train the same student against the same frozen teacher (same tokenizer), offline,
 on CPU, in float32, without gradient checkpointing (TRL's defaults are bf16 and checkpointing on; both are set
@@ -167,6 +167,7 @@ def run_ours(spec: dict, out: str) -> None:
     import torch
 
     from trd_lightning.cli import cli_main
+    from trd_lightning.rollout.engines import LocalEngine
 
     probe = Probe(spec["warmup"])
     args = [
@@ -195,19 +196,18 @@ def run_ours(spec: dict, out: str) -> None:
         "--model.min_lr_ratio=1.0",
         "--model.max_grad_norm=1.0",
         f"--data.train_data={spec['train_file']}",
-        "--data.val_split=null",
+        "--data.validation.split=null",
         "--data.answer_column=null",
-        "--data.student_template={problem}",
-        f"--data.use_chat_template={str(spec['chat']).lower()}",
+        "--data.prompt.student_template={problem}",
+        f"--data.prompt.use_chat_template={str(spec['chat']).lower()}",
         f"--data.batch_size={spec['batch_size']}",
-        f"--data.max_new_tokens={spec['max_new_tokens']}",
-        f"--data.temperature={spec['temperature']}",
-        "--data.top_p=1.0",
-        "--data.top_k=0",
+        f"--data.rollout.max_new_tokens={spec['max_new_tokens']}",
+        f"--data.rollout.temperature={spec['temperature']}",
+        "--data.rollout.top_p=1.0",
+        "--data.rollout.top_k=0",
         f"--data.seed={spec['seed']}",
-        f"--data.token_sampler={spec['token_sampler']}",
         f"--model.loss_implementation={spec['loss_implementation']}",
-        f"--data.decoder={spec['decoder']}",
+        f"--data.rollout.decoder={spec['decoder']}",
     ]
     cli = cli_main(args, run=False)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
@@ -219,18 +219,19 @@ def run_ours(spec: dict, out: str) -> None:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step = probe.current
-            step["trained_rows"] = int(batch["student_ids"].shape[0])
-            step["tokens"] = int(batch["response_mask"].sum())
-            step["prompts"] = [r[m.bool()].tolist() for r, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+            step["trained_rows"] = len(batch.produced.train)
+            step["tokens"] = int(batch.produced.train.response_mask.sum())
+            step["prompts"] = batch.prompts.lists()
             probe.end_step()
 
-    def sample(*a, **kw):
-        rollouts = sampler(*a, **kw)
-        probe.current["gen_rows"] += int(rollouts.ids.shape[0])
+    generate = probe.timed("generate", LocalEngine.generate)
+
+    def counted(engine, prompts, *a, **kw):
+        rollouts = generate(engine, prompts, *a, **kw)
+        probe.current["gen_rows"] += len(rollouts)
         return rollouts
 
-    sampler = probe.timed("generate", data.sample)
-    data.sample = sample
+    LocalEngine.generate = counted
     data.produce = probe.timed("rollout", data.produce)
     module.token_losses = probe.timed("forward_loss", module.token_losses)
     module.manual_backward = probe.timed("backward", module.manual_backward)
@@ -505,12 +506,6 @@ def main() -> None:
         help="steps between metric writes on both sides (TRL's logging_steps, our trainer.log_every_n_steps)",
     )
     parser.add_argument(
-        "--token-sampler",
-        choices=["inverse_cdf", "multinomial"],
-        default="inverse_cdf",
-        help="our data.token_sampler, default ours (TRL always uses generate's multinomial draw)",
-    )
-    parser.add_argument(
         "--loss-implementation",
         choices=["auto", "checkpointed", "closed_form"],
         default="auto",
@@ -521,7 +516,7 @@ def main() -> None:
         "--decoder",
         choices=["native", "generate"],
         default="native",
-        help="our data.decoder, default ours (TRL always uses Hugging Face generate)",
+        help="our data.rollout.decoder, default ours (TRL always uses Hugging Face generate)",
     )
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -549,7 +544,7 @@ def main() -> None:
         vocab = json.loads((Path(student) / "config.json").read_text())["vocab_size"]
         label = (
             f"{args.models} (student {parameters(student) / 1e6:.2f}M, teacher {parameters(teacher) / 1e6:.2f}M "
-            f"parameters, vocabulary {vocab}); our token sampler: {args.token_sampler}, "
+            f"parameters, vocabulary {vocab}); "
             f"our loss implementation: {args.loss_implementation}, our decoder: {args.decoder}"
         )
         n = args.batch_size * args.steps
@@ -575,7 +570,6 @@ def main() -> None:
             "warmup": args.warmup,
             "seed": args.seed,
             "fixed_length": not args.natural_length,
-            "token_sampler": args.token_sampler,
             "loss_implementation": args.loss_implementation,
             "decoder": args.decoder,
             "log_every": args.log_every,

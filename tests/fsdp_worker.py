@@ -4,7 +4,8 @@
 
 SPEC.json holds the tiny model and data paths, a root folder and a list of runs. Each run has a ``name``, ``model``
 and ``data`` overrides, ``strategy`` (FSDP2Strategy arguments, or null for one process) and ``max_steps``; optionally
-``save_every`` (checkpoint every n steps into ``<root>/<name>``), ``stop_after`` (stop after that step, keeping the
+``save_every`` (checkpoint every n steps into ``<root>/<name>``), ``refine_prob`` (a RefinementScheduler refining that
+share of the rollouts), ``stop_after`` (stop after that step, keeping the
 learning-rate schedule of ``max_steps``), ``resume`` (a checkpoint path), ``export`` (``merged`` or ``adapter``:
 ExportStudent into ``<root>/<name>/export``) and ``trainer`` (more Trainer arguments).
 The runs share the processes, one after the other. Rank 0 writes each run's per-step ``train/loss`` and a few facts
@@ -23,10 +24,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L
 import torch
+from helpers import data_options
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributed.tensor import DTensor
 
-from trd_lightning import DistillationModule, ExportStudent, FSDP2Strategy, LoraOptions, OnPolicyDataModule
+from trd_lightning import (
+    DistillationModule,
+    ExportStudent,
+    FSDP2Strategy,
+    LoraOptions,
+    OnPolicyDataModule,
+    RefinementScheduler,
+)
 
 
 class Record(L.Callback):
@@ -56,6 +65,8 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses[trainer.global_step] = float(trainer.callback_metrics["train/loss"])
+        refined = trainer.strategy.all_gather(batch.produced.refined.sum()).reshape(-1).tolist()
+        self.facts.setdefault("refined_per_rank", []).append(refined)
         if trainer.global_step == self.stop_after:
             trainer.should_stop = True
 
@@ -82,18 +93,17 @@ def fit(tiny: dict, root: str, run: dict) -> Record:
     }
     if model.get("lora"):
         model["lora"] = LoraOptions(**model["lora"])
-    data = {
-        "tokenizer": tiny["student"],
-        "train_data": tiny["train"],
-        "val_split": None,
+    defaults = {
         "batch_size": 8,
-        "max_new_tokens": 12,
-        "temperature": 0.0,
-        "max_refine_prompt_length": 400,
-        "refine_temperature": 0.0,
-        **run.get("data", {}),
+        "rollout": {"max_new_tokens": 12, "temperature": 0.0},
+        "refine": {"max_prompt_length": 400, "temperature": 0.0},
     }
+    overrides = run.get("data", {})
+    groups = {k: {**v, **overrides.get(k, {})} for k, v in defaults.items() if isinstance(v, dict)}
+    data = data_options(tiny, {**defaults, **overrides, **groups})
     callbacks = [record]
+    if run.get("refine_prob") is not None:
+        callbacks.append(RefinementScheduler(p_start=run["refine_prob"], p_end=run["refine_prob"]))
     if run.get("save_every"):
         callbacks.append(
             ModelCheckpoint(

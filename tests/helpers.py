@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import torch
 
 from trd_lightning import DistillationModule, OnPolicyDataModule
+from trd_lightning.data.options import PromptOptions, RefineOptions, RolloutOptions, ValidationOptions
+
+GROUPS = {"prompt": PromptOptions, "rollout": RolloutOptions, "refine": RefineOptions, "validation": ValidationOptions}
 
 
 class Recorder(L.Callback):
@@ -27,13 +32,32 @@ class Recorder(L.Callback):
 
 
 class KeepBatch(L.Callback):
-    """Keeps the produced batch of every step."""
+    """Keeps the prompt batch of every step, with the batch produced from it."""
 
     def __init__(self):
         self.batches = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.batches.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()})
+        self.batches.append(batch)
+
+
+def data_options(tiny: dict, data: dict | None = None, student: str | None = None) -> dict:
+    """The tiny run's DataModule arguments, with ``data``'s entries on top; a group given as a dict (e.g.
+    ``{"rollout": {"num_generations": 2}}``) updates that group's tiny defaults."""
+    groups = {
+        "rollout": {"max_new_tokens": 12},
+        "refine": {"max_prompt_length": 400},
+        "validation": {"split": None},
+    }
+    kwargs = {"train_data": tiny["train"], "batch_size": 4, "tokenizer": student or tiny["student"]}
+    for key, value in (data or {}).items():
+        if key in GROUPS and isinstance(value, dict):
+            groups[key] = {**groups.get(key, {}), **value}
+        elif key in GROUPS:
+            groups[key] = dataclasses.asdict(value)
+        else:
+            kwargs[key] = value
+    return {**kwargs, **{name: GROUPS[name](**values) for name, values in groups.items()}}
 
 
 def make_run(tiny: dict, root, model: dict | None = None, data: dict | None = None, callbacks=(), **trainer_kw):
@@ -46,15 +70,6 @@ def make_run(tiny: dict, root, model: dict | None = None, data: dict | None = No
         "warmup_ratio": 0.0,
         **(model or {}),
     }
-    data_kw = {
-        "train_data": tiny["train"],
-        "val_split": None,
-        "batch_size": 4,
-        "max_new_tokens": 12,
-        "max_refine_prompt_length": 400,
-        "tokenizer": model_kw["student"],
-        **(data or {}),
-    }
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -65,4 +80,5 @@ def make_run(tiny: dict, root, model: dict | None = None, data: dict | None = No
         callbacks=list(callbacks),
         **{"max_steps": 2, "enable_checkpointing": False, "logger": False, "log_every_n_steps": 1, **trainer_kw},
     )
-    return trainer, DistillationModule(**model_kw), OnPolicyDataModule(**data_kw)
+    datamodule = OnPolicyDataModule(**data_options(tiny, data, model_kw["student"]))
+    return trainer, DistillationModule(**model_kw), datamodule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trd_lightning import DistillationModule, OnPolicyDataModule
+from trd_lightning import DistillationModule, OnPolicyDataModule, RefinementScheduler
 from trd_lightning.cli import cli_main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -32,10 +33,35 @@ def demo_on_tiny(tiny) -> list[str]:
     ]
 
 
+OVERLAYS = {"trd.yaml", "demo_fsdp.yaml", "qwen3_opd_fsdp.yaml"}
+
+
 def test_there_are_configs():
     names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "demo_opsd.yaml", "qwen3_opd.yaml", "qwen3_opsd.yaml"} <= names
-    assert {"demo_trd.yaml", "demo_trd_opsd.yaml", "qwen3_trd_opd.yaml", "qwen3_trd_opsd.yaml"} <= names
+    assert {"demo.yaml", "demo_opsd.yaml", "qwen3_opd.yaml", "qwen3_opsd.yaml"} | OVERLAYS <= names
+
+
+@pytest.mark.parametrize(
+    ("base", "teacher_kind"), [("demo.yaml", "frozen"), ("demo_opsd.yaml", "shared"), ("qwen3_opd.yaml", "frozen")]
+)
+def test_trd_is_an_overlay_on_opd_and_opsd_configs(base, teacher_kind, tmp_path):
+    """The overlay turns refinement on and adds the scheduler; everything else is the base config's."""
+    plain = cli_main(["--config", str(CONFIGS[0].parent / base), *ON_CPU], run=False)
+    trd = cli_main(
+        ["--config", str(CONFIGS[0].parent / base), "--config", str(CONFIGS[0].parent / "trd.yaml"), *ON_CPU], run=False
+    )
+    assert not plain.datamodule.refine.enabled and trd.datamodule.refine.enabled
+    assert trd.model.hparams.teacher_kind == teacher_kind
+    # The base config's refine settings (template, budgets) carry over untouched.
+    assert dataclasses.replace(trd.datamodule.refine, enabled=False) == plain.datamodule.refine
+    assert trd.datamodule.rollout == plain.datamodule.rollout and trd.datamodule.prompt == plain.datamodule.prompt
+    schedulers = [c for c in trd.trainer.callbacks if isinstance(c, RefinementScheduler)]
+    assert len(schedulers) == 1 and not any(isinstance(c, RefinementScheduler) for c in plain.trainer.callbacks)
+
+    def kinds(cli) -> list[str]:
+        return [type(c).__name__ for c in cli.trainer.callbacks if not isinstance(c, RefinementScheduler)]
+
+    assert kinds(trd) == kinds(plain)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -78,10 +104,10 @@ def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
         [
             "fit",
             *demo_on_tiny(tiny),
-            f"--data.val_data={tiny['validation']}",
-            "--data.val_split=train",
-            "--data.max_new_tokens=12",
-            "--data.val_batch_size=8",
+            f"--data.validation.data={tiny['validation']}",
+            "--data.validation.split=train",
+            "--data.rollout.max_new_tokens=12",
+            "--data.validation.batch_size=8",
             "--trainer.max_steps=2",
             "--trainer.val_check_interval=2",
             f"--trainer.logger.init_args.save_dir={root}",
@@ -122,12 +148,12 @@ def test_validate_subcommand_logs_avg_and_pass_at_k(tiny, tmp_path):
             f"--model.student={tiny['student']}",
             f"--model.teacher={tiny['teacher']}",
             f"--data.train_data={tiny['train']}",
-            f"--data.val_data={tiny['validation']}",
-            "--data.val_split=train",
-            "--data.max_new_tokens=12",
-            "--data.val_samples=4",
-            "--data.val_temperature=1.0",
-            "--data.val_batch_size=8",
+            f"--data.validation.data={tiny['validation']}",
+            "--data.validation.split=train",
+            "--data.rollout.max_new_tokens=12",
+            "--data.validation.samples=4",
+            "--data.validation.temperature=1.0",
+            "--data.validation.batch_size=8",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
         ]
     )
@@ -146,8 +172,8 @@ def test_the_installed_command_exits_zero(tiny, tmp_path):
             "import sys; from trd_lightning.cli import main; sys.exit(main())",
             "fit",
             *demo_on_tiny(tiny),
-            "--data.val_split=null",
-            "--data.max_new_tokens=8",
+            "--data.validation.split=null",
+            "--data.rollout.max_new_tokens=8",
             "--trainer.max_steps=1",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
         ],
@@ -223,14 +249,14 @@ def test_benchmark_configs_map_their_columns(name, tiny, tmp_path):
             *demo_on_tiny(tiny),
             "--config",
             str(CONFIGS[0].parent / "eval" / name),
-            f"--data.val_data={local}",
-            "--data.max_new_tokens=6",
+            f"--data.validation.data={local}",
+            "--data.rollout.max_new_tokens=6",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
         ]
     )
     data = cli.datamodule
     assert [r["answer"] for r in data.val_rows] == answers
-    problem_column = data.hparams.val_problem_column
+    problem_column = data.validation.problem_column
     assert [r["problem"] for r in data.val_rows] == [r[problem_column] for r in rows]
-    k = data.hparams.val_samples
+    k = data.validation.samples
     assert {f"val/avg@{k}", f"val/pass@{k}"} <= set(cli.trainer.callback_metrics)

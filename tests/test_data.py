@@ -1,5 +1,5 @@
-"""The data pipeline against hand-built expectations: templates, prompt fitting, padding, eos cutting,
-sampling options, the resumable sampler, the datamodule's batches, dataset loading and answer checking."""
+"""The data side against hand-built expectations: templates, prompt fitting, padding and the batch layout, the
+resumable sampler, the datamodule's prompt batches, dataset loading and answer checking."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from datasets import Dataset, DatasetDict
 
 from trd_lightning import prompts
 from trd_lightning.data.datamodule import OnPolicyDataModule
+from trd_lightning.data.options import PromptOptions, ValidationOptions
 from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import load_rows
 from trd_lightning.hf import load_tokenizer
-from trd_lightning.rollout.assemble import concat_left_padded, pad_left, response_rows
-from trd_lightning.rollout.generation import SamplingConfig, cut_at_eos
+from trd_lightning.rollout.batch import Prompts, Rollouts, Sequences, response_rows
 from trd_lightning.verify import is_correct
+
+NO_VALIDATION = ValidationOptions(split=None)
 
 PRIVILEGED_HEAD = "Here is a reference solution to this problem:\n"
 PRIVILEGED_TAIL = "\n\nNow that you have read the reference solution"
@@ -135,29 +137,63 @@ def test_fit_prompt_floor_is_the_template_with_the_marker(tok):
     assert PROBLEM in tok.decode(ids)
 
 
-# ---------------------------------------------------------------- assembly
+# ---------------------------------------------------------------- batch layout
 
 
-def test_pad_left():
-    ids, mask = pad_left([[5, 6, 7], [8]], 0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert ids.dtype == torch.long
+def test_prompts_are_left_padded():
+    prompts = Prompts.from_lists([[5, 6, 7], [8]], 0)
+    assert prompts.ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert prompts.mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert prompts.ids.dtype == torch.long
+    assert prompts.lists() == [[5, 6, 7], [8]]
 
 
-def test_pad_left_with_an_empty_row_and_a_nonzero_pad():
-    ids, mask = pad_left([[], [3, 4]], 9)
-    assert ids.tolist() == [[9, 9], [3, 4]]
-    assert mask.tolist() == [[0, 0], [1, 1]]
+def test_prompts_with_an_empty_row_and_a_nonzero_pad():
+    prompts = Prompts.from_lists([[], [3, 4]], 9)
+    assert prompts.ids.tolist() == [[9, 9], [3, 4]]
+    assert prompts.mask.tolist() == [[0, 0], [1, 1]]
 
 
-def test_concat_left_padded():
-    prompt_ids, prompt_mask = pad_left([[5, 6, 7], [8]], 0)
-    response_ids = torch.tensor([[9, 2, 0], [10, 11, 2]])
-    response_mask = torch.tensor([[True, True, False], [True, True, True]])
-    ids, mask = concat_left_padded(prompt_ids, prompt_mask, response_ids, response_mask)
-    assert ids.tolist() == [[5, 6, 7, 9, 2, 0], [0, 0, 8, 10, 11, 2]]
-    assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+def test_selected_prompt_rows_lose_the_padding_they_no_longer_need():
+    prompts = Prompts.from_lists([[5, 6, 7], [8], [1, 2]], 0)
+    picked = prompts.rows([1, 2])
+    assert picked.ids.tolist() == [[0, 8], [1, 2]] and picked.mask.tolist() == [[0, 1], [1, 1]]
+
+
+def sequences() -> Sequences:
+    prompts = Prompts.from_lists([[5, 6, 7], [8]], 0)
+    contexts = Prompts.from_lists([[4, 5, 6, 7], [3, 8]], 0)
+    response = Rollouts(
+        ids=torch.tensor([[9, 2, 0], [10, 11, 2]]),
+        mask=torch.tensor([[True, True, False], [True, True, True]]),
+        truncated=torch.tensor([False, False]),
+        logprobs=torch.tensor([[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]),
+    )
+    return Sequences.build(prompts, contexts, response, torch.tensor([True, False]))
+
+
+def test_sequences_join_prompt_and_response_on_both_sides():
+    seqs = sequences()
+    assert seqs.student_ids.tolist() == [[5, 6, 7, 9, 2, 0], [0, 0, 8, 10, 11, 2]]
+    assert seqs.student_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert seqs.teacher_ids.tolist() == [[4, 5, 6, 7, 9, 2, 0], [0, 0, 3, 8, 10, 11, 2]]
+    assert (seqs.prompt_width, seqs.context_width) == (3, 4)
+
+
+def test_sequence_rows_trim_the_padding_of_the_rows_they_keep():
+    row = sequences().rows([0])
+    # Row 0's response has 2 tokens and its prompt no padding: one response column and no prompt column go.
+    assert row.student_ids.tolist() == [[5, 6, 7, 9, 2]] and row.teacher_ids.tolist() == [[4, 5, 6, 7, 9, 2]]
+    assert row.response_mask.tolist() == [[True, True]] and row.behavior_logprobs.tolist() == [[-1.0, -2.0]]
+    other = sequences().rows([1])
+    assert other.student_ids.tolist() == [[8, 10, 11, 2]] and other.teacher_ids.tolist() == [[3, 8, 10, 11, 2]]
+    assert other.sampled.tolist() == [False]
+
+
+def test_behaviour_logprobs_where_sampled_and_the_students_own_elsewhere():
+    seqs = sequences()
+    student = torch.tensor([-0.5, -0.6, -0.7, -0.8, -0.9])  # one per response token, row 0 then row 1
+    assert seqs.token_behavior_logprobs(student).tolist() == pytest.approx([-1.0, -2.0, -0.7, -0.8, -0.9])
 
 
 def test_response_rows_picks_the_predicting_positions():
@@ -176,78 +212,6 @@ def test_response_rows_skips_holes_in_the_mask():
     hidden = torch.arange(7).float().view(1, 7, 1)  # one row, 4 prompt columns + 3 response columns
     rows = response_rows(hidden, 4, torch.tensor([[True, False, True]]))
     assert rows.flatten().tolist() == [3, 5]
-
-
-# ---------------------------------------------------------------- eos cutting
-
-
-def test_cut_at_eos_keeps_the_first_eos_and_masks_the_rest():
-    tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9], [5, 6, 7, 2]])
-    ids, mask, truncated = cut_at_eos(tokens, [2], pad_id=99)
-    assert ids.tolist() == [[5, 2, 99, 99], [5, 6, 7, 8], [2, 99, 99, 99], [5, 6, 7, 2]]
-    assert mask.tolist() == [
-        [True, True, False, False],
-        [True, True, True, True],
-        [True, False, False, False],
-        [True, True, True, True],
-    ]
-    assert truncated.tolist() == [False, True, False, False]
-
-
-def test_cut_at_eos_with_several_eos_ids():
-    tokens = torch.tensor([[5, 3, 2, 7], [5, 2, 3, 7], [4, 4, 4, 4]])
-    ids, mask, truncated = cut_at_eos(tokens, [2, 3], pad_id=0)
-    assert ids.tolist() == [[5, 3, 0, 0], [5, 2, 0, 0], [4, 4, 4, 4]]
-    assert mask.tolist() == [[True, True, False, False], [True, True, False, False], [True, True, True, True]]
-    assert truncated.tolist() == [False, False, True]
-
-
-def test_cut_at_eos_leaves_the_input_alone():
-    tokens = torch.tensor([[5, 2, 7]])
-    cut_at_eos(tokens, [2], pad_id=0)
-    assert tokens.tolist() == [[5, 2, 7]]
-
-
-# ---------------------------------------------------------------- sampling options
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
-        ({"temperature": -0.5}, "temperature must be >= 0"),
-        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ({"top_p": 1.2}, r"top_p must be in \(0, 1\]"),
-        ({"top_k": -1}, "top_k must be >= 0"),
-    ],
-)
-def test_sampling_config_rejects(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        SamplingConfig(**kwargs)
-
-
-def test_greedy_generate_kwargs():
-    # Greedy decoding passes no sampling knobs, which generate would warn about with do_sample False.
-    assert SamplingConfig(max_new_tokens=7, temperature=0.0, top_p=0.9, top_k=5).generate_kwargs() == {
-        "do_sample": False,
-        "max_new_tokens": 7,
-    }
-
-
-def test_sampling_generate_kwargs():
-    # generate's own draw (sampler multinomial) takes the sampling knobs; inverse_cdf draws itself (greedy kwargs).
-    multinomial = {"sampler": "multinomial", "decoder": "generate"}
-    assert SamplingConfig(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=5, **multinomial).generate_kwargs() == {
-        "do_sample": True,
-        "temperature": 0.7,
-        "top_p": 0.9,
-        "top_k": 5,
-        "max_new_tokens": 7,
-    }
-    # top_k 0 means off, which generate spells None.
-    assert SamplingConfig(top_k=0, **multinomial).generate_kwargs()["top_k"] is None
-    drawn_by_us = SamplingConfig(max_new_tokens=7, temperature=0.7).generate_kwargs()
-    assert drawn_by_us == {"do_sample": False, "max_new_tokens": 7}
 
 
 # ---------------------------------------------------------------- resumable sampler
@@ -298,7 +262,7 @@ def student_ids(tok, problem: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def opd(tiny):
-    dm = OnPolicyDataModule(tokenizer=tiny["student"], train_data=tiny["train"], val_split=None)
+    dm = OnPolicyDataModule(tokenizer=tiny["student"], train_data=tiny["train"], validation=NO_VALIDATION)
     dm.setup("fit")
     return dm
 
@@ -306,7 +270,7 @@ def opd(tiny):
 @pytest.fixture(scope="module")
 def opsd(tiny):
     dm = OnPolicyDataModule(
-        tokenizer=tiny["student"], train_data=tiny["train"], val_split=None, teacher_context="privileged"
+        tokenizer=tiny["student"], train_data=tiny["train"], validation=NO_VALIDATION, teacher_context="privileged"
     )
     dm.setup("fit")
     return dm
@@ -334,15 +298,16 @@ def test_collate_left_pads_the_chat_encoded_student_prompts(tiny, tok, opd):
     expected = [student_ids(tok, file_rows[i]["problem"]) for i in picked]
     width = max(map(len, expected))
     pad = tok.pad_token_id
-    assert batch["prompt_ids"].tolist() == [[pad] * (width - len(e)) + e for e in expected]
-    assert batch["prompt_mask"].tolist() == [[0] * (width - len(e)) + [1] * len(e) for e in expected]
-    assert batch["index"].tolist() == picked
-    assert batch["problem"] == [file_rows[i]["problem"] for i in picked]
-    assert batch["solution"] == [file_rows[i]["solution"] for i in picked]
-    assert batch["answer"] == [file_rows[i]["answer"] for i in picked]
+    assert batch.prompts.ids.tolist() == [[pad] * (width - len(e)) + e for e in expected]
+    assert batch.prompts.mask.tolist() == [[0] * (width - len(e)) + [1] * len(e) for e in expected]
+    assert batch.index.tolist() == picked
+    assert batch.problem == [file_rows[i]["problem"] for i in picked]
+    assert batch.solution == [file_rows[i]["solution"] for i in picked]
+    assert batch.answer == [file_rows[i]["answer"] for i in picked]
     # OPD: the teacher sees exactly what the student sees.
-    assert torch.equal(batch["teacher_prompt_ids"], batch["prompt_ids"])
-    assert torch.equal(batch["teacher_prompt_mask"], batch["prompt_mask"])
+    assert torch.equal(batch.contexts.ids, batch.prompts.ids)
+    assert torch.equal(batch.contexts.mask, batch.prompts.mask)
+    assert batch.y_o is None and batch.produced is None
 
 
 def test_collate_privileged_teacher_prompt_holds_the_solution(tiny, tok, opsd):
@@ -350,16 +315,16 @@ def test_collate_privileged_teacher_prompt_holds_the_solution(tiny, tok, opsd):
     picked = [0, 1, 2]
     batch = opsd.collate([opsd.train_rows[i] for i in picked])
     for k, i in enumerate(picked):
-        real = batch["teacher_prompt_ids"][k][batch["teacher_prompt_mask"][k].bool()].tolist()
+        real = batch.contexts.lists()[k]
         # Short demo solutions fit the default 1024-token budget, so the teacher prompt is the full render.
         assert real == chat_ids(tok, privileged_text(file_rows[i]["problem"], file_rows[i]["solution"]))
         text = tok.decode(real)
         assert file_rows[i]["solution"] in text and file_rows[i]["problem"] in text
         # The student side stays the plain student prompt.
-        student = batch["prompt_ids"][k][batch["prompt_mask"][k].bool()].tolist()
+        student = batch.prompts.lists()[k]
         assert student == student_ids(tok, file_rows[i]["problem"])
         assert file_rows[i]["solution"] not in tok.decode(student)
-    assert batch["answer"] == [file_rows[i]["answer"] for i in picked]
+    assert batch.answer == [file_rows[i]["answer"] for i in picked]
 
 
 def test_privileged_teacher_prompt_is_cut_to_its_budget(tiny, tok):
@@ -367,10 +332,9 @@ def test_privileged_teacher_prompt_is_cut_to_its_budget(tiny, tok):
     dm = OnPolicyDataModule(
         tokenizer=tiny["student"],
         train_data=tiny["train"],
-        val_split=None,
+        validation=NO_VALIDATION,
         teacher_context="privileged",
-        privileged_template="{problem}\nReference:\n{solution}",
-        max_teacher_prompt_length=budget,
+        prompt=PromptOptions(privileged_template="{problem}\nReference:\n{solution}", max_teacher_prompt_length=budget),
     )
     dm.setup("fit")
     full = [len(chat_ids(tok, f"{r['problem']}\nReference:\n{r['solution']}")) for r in read_jsonl(tiny["train"])]
@@ -388,7 +352,10 @@ def test_prompts_over_max_prompt_length_are_dropped_not_cut(tiny, tok):
     limit = sorted(lengths)[len(lengths) // 2]
     assert min(lengths) <= limit < max(lengths)
     dm = OnPolicyDataModule(
-        tokenizer=tiny["student"], train_data=tiny["train"], val_split=None, max_prompt_length=limit
+        tokenizer=tiny["student"],
+        train_data=tiny["train"],
+        validation=NO_VALIDATION,
+        prompt=PromptOptions(max_prompt_length=limit),
     )
     dm.setup("fit")
     assert [r["index"] for r in dm.train_rows] == [i for i, n in enumerate(lengths) if n <= limit]

@@ -54,15 +54,14 @@ def test_models_follow_the_privileged_and_refine_formats():
     assert greedy_accuracy("trd-demo/teacher", TEMPLATES["refine_opd"]) >= 0.9
 
 
-@pytest.mark.parametrize("config", ["demo.yaml", "demo_opsd.yaml", "demo_trd.yaml", "demo_trd_opsd.yaml"])
+@pytest.mark.parametrize("config", ["demo.yaml", "demo_opsd.yaml"])
 def test_demo_configs_use_the_templates_the_demo_models_learnt(config):
     data = yaml.safe_load((CONFIGS / config).read_text())["data"]
-    assert data["student_template"] == TEMPLATES["student"]
+    assert data["prompt"]["student_template"] == TEMPLATES["student"]
     privileged = data["teacher_context"] == "privileged"
     if privileged:
-        assert data["privileged_template"] == TEMPLATES["privileged"]
-    if data.get("refine"):
-        assert data["refine_template"] == TEMPLATES["refine_opsd" if privileged else "refine_opd"]
+        assert data["prompt"]["privileged_template"] == TEMPLATES["privileged"]
+    assert data["refine"]["template"] == TEMPLATES["refine_opsd" if privileged else "refine_opd"]
 
 
 def test_unknown_demo_model_is_named():

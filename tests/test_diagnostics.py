@@ -225,7 +225,7 @@ def tensorboard_run(tiny, root, data: dict, callbacks, steps: int = 2):
 @pytest.mark.parametrize("refine", [False, True], ids=["opd", "trd"])
 def test_monitors_log_per_view_to_tensorboard(tiny, tmp_path, refine):
     monitors = [GradientFragmentationMonitor(1, 3), PrefixFailureMonitor(1, 4, figure_every_n_steps=1)]
-    events = tensorboard_run(tiny, tmp_path, {"refine": refine}, monitors)
+    events = tensorboard_run(tiny, tmp_path, {"refine": {"enabled": refine}}, monitors)
     views = ["y_o", "y_r"] if refine else ["y_o"]
     scalars = set(events.Tags()["scalars"])
     for view in views:
@@ -243,22 +243,29 @@ def test_token_statistics_match_the_models_full_logits(tiny, tmp_path):
     keep = KeepBatch()
     trainer, module, dm = make_run(tiny, tmp_path, callbacks=[keep], max_steps=1)
     trainer.fit(module, dm)
-    batch = keep.batches[0]
-    grids, mask = module.token_statistics(batch, slice(0, 3))
+    seqs = keep.batches[0].produced.train
+    grids, mask = module.token_statistics(seqs, slice(0, 3))
+    part = seqs.rows(slice(0, 3))
     width = mask.shape[1]
+    assert width == part.response_ids.shape[1]
+
+    def logits(model, ids, attention):
+        position = (attention.cumsum(-1) - 1).clamp(min=0)
+        return model(ids, attention_mask=attention, position_ids=position).logits.double()
+
     with torch.no_grad():
-        s = module.student(batch["student_ids"][:3], attention_mask=batch["student_mask"][:3]).logits.double()
-        t = module.teacher(batch["teacher_ids"][:3], attention_mask=batch["teacher_mask"][:3]).logits.double()
+        s = logits(module.student, part.student_ids, part.student_mask)
+        t = logits(module.teacher, part.teacher_ids, part.teacher_mask)
     # The logits at the position before each response token predict it.
     s_logp = s[:, -width - 1 : -1].log_softmax(-1)
     t_logp = t[:, -width - 1 : -1].log_softmax(-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     top2 = t_logp.exp().topk(2, -1).values
-    token = t_logp.gather(-1, batch["response_ids"][:3, :, None]).squeeze(-1)
+    token = t_logp.gather(-1, part.response_ids[:, :, None]).squeeze(-1)
     assert torch.allclose(grids["kl"][mask].double(), kl[mask], atol=1e-4)
     assert torch.allclose(grids["teacher_top2"][mask].double(), top2[..., 1][mask], atol=1e-5)
     assert torch.allclose(grids["teacher_token_logprob"][mask].double(), token[mask], atol=1e-4)
-    losses, loss_mask = module.sequence_token_losses(batch, slice(0, 3))
+    losses, loss_mask = module.sequence_token_losses(seqs, slice(0, 3))
     assert torch.equal(loss_mask, mask)
     assert torch.allclose(losses[mask].double(), kl[mask], atol=1e-4)  # the demo loss is forward KL (beta 0)
 
@@ -268,19 +275,30 @@ def test_views_pair_each_refined_rollout_with_its_original(tiny, tmp_path):
 
     keep = KeepBatch()
     scheduler = RefinementScheduler(p_start=0.5, p_end=0.5)
-    trainer, module, dm = make_run(tiny, tmp_path, data={"refine": True}, callbacks=[scheduler, keep], max_steps=2)
+    data = {"refine": {"enabled": True}, "batch_size": 8}
+    trainer, module, dm = make_run(tiny, tmp_path, data=data, callbacks=[scheduler, keep], max_steps=2)
     trainer.fit(module, dm)
+    tok = dm.tokenizer
+    counts = []
     for batch in keep.batches:
-        refined = batch["refined"]
+        produced = batch.produced
+        refined = produced.refined
         views = module.diagnostic_views(batch)
         n = int(refined.sum())
+        counts.append(n)
         if n == 0:
             assert set(views) == {"y_o"}
             continue
-        prompts = batch["student_ids"][:, : -batch["response_ids"].shape[1]]
-        original_prompts = views["y_o"]["student_ids"][:, : -views["y_o"]["response_ids"].shape[1]]
-        assert torch.equal(original_prompts[:n], prompts[refined])
-        assert [t for t, r in zip(batch["rollout_text"], refined) if r] == [
-            dm.tokenizer.decode(ids[m], skip_special_tokens=True)
-            for ids, m in zip(views["y_o"]["response_ids"][:n], views["y_o"]["response_mask"][:n].bool())
-        ]
+        y_o, y_r = views["y_o"], views["y_r"]
+        assert len(y_o) == 8 and len(y_r) == n
+        rows = refined.nonzero()[:, 0].tolist()
+        for j, row in enumerate(rows):
+            # Row j of each view is the same rollout: its prompt, its y_o, and the rewrite of that y_o.
+            prompt = batch.prompts.lists()[row]
+            assert y_o.student_ids[j][y_o.student_mask[j].bool()].tolist()[: len(prompt)] == prompt
+            assert y_r.student_ids[j][y_r.student_mask[j].bool()].tolist()[: len(prompt)] == prompt
+            y_o_text = tok.decode(y_o.response_ids[j][y_o.response_mask[j]], skip_special_tokens=True)
+            assert y_o_text == produced.rollout_text[row]
+            y_r_text = tok.decode(y_r.response_ids[j][y_r.response_mask[j]], skip_special_tokens=True)
+            assert y_r_text == produced.refined_text[row]
+    assert any(0 < n < 8 for n in counts)  # the pairing is exercised with refined and unrefined rows mixed

@@ -23,8 +23,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from trd_lightning import FSDP2Strategy
 from trd_lightning.cli import cli_main
 
-TRD = {"data": {"refine": True}}
+TRD = {"data": {"refine": {"enabled": True}}}
 LORA = {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}}
+PARTIAL = {"data": {"refine": {"enabled": True}, "rollout": {"max_generation_rows": 1}}, "refine_prob": 0.4}
 EMA = {
     "model": {"teacher": None, "teacher_kind": "shared", "shared_weights": "ema", "ema_decay": 0.5},
     "data": {"teacher_context": "privileged"},
@@ -39,7 +40,7 @@ def offline_round(tiny: dict, folder: Path) -> dict:
     Dataset.from_list([{**r, "y_o": r["solution"][::-1], "y_r": r["solution"]} for r in rows]).to_parquet(
         folder / "shard-00000.parquet"
     )
-    return {"data": {"offline_data": str(folder), "refine": True}}
+    return {"data": {"refine": {"enabled": True, "offline_round": str(folder)}}}
 
 
 def sharded_runs(root: Path, tiny: dict, offline: dict) -> list[dict]:
@@ -51,11 +52,8 @@ def sharded_runs(root: Path, tiny: dict, offline: dict) -> list[dict]:
         {
             "name": "trd_full",
             "data": {
-                "refine": True,
-                "val_data": tiny["validation"],
-                "val_split": "train",
-                "max_val_prompts": 8,
-                "val_batch_size": 4,
+                "refine": {"enabled": True},
+                "validation": {"data": tiny["validation"], "split": "train", "max_prompts": 8, "batch_size": 4},
             },
             "strategy": {"save_distributed_checkpoint": False, "activation_checkpointing": True},
             "trainer": {"val_check_interval": 2},
@@ -68,6 +66,9 @@ def sharded_runs(root: Path, tiny: dict, offline: dict) -> list[dict]:
         {"name": "ema_resumed", **EMA, **sharded, "max_steps": 3, "resume": str(root / "ema" / "step=2.ckpt")},
         {"name": "bf16", **TRD, "strategy": {"mixed_precision": True}, "max_steps": 1},
         {"name": "offline", **offline, **sharded, "max_steps": 3},
+        # 40% of the rollouts refined, one row generated at a time: the ranks rewrite different numbers of rows, and the
+        # one with fewer steps along on stand-in rows so that every sharded forward stays collective.
+        {"name": "partial", **PARTIAL, **sharded, "max_steps": 2},
         {"name": "lora", **LORA, "strategy": {"activation_checkpointing": True}, "max_steps": 3, "export": "merged"},
         {"name": "lora_adapter", **LORA, **sharded, "max_steps": 1, "export": "adapter"},
     ]
@@ -101,6 +102,7 @@ def runs(tiny, tmp_path_factory):
             "ema": fit(tiny, str(ref_root), {"name": "ema", **EMA, "max_steps": 3}),
             "offline": fit(tiny, str(ref_root), {"name": "offline", **offline, "max_steps": 3}),
             "lora": fit(tiny, str(ref_root), {"name": "lora", **LORA, "max_steps": 3, "export": "merged"}),
+            "partial": fit(tiny, str(ref_root), {"name": "partial", **PARTIAL, "max_steps": 2}),
         }
         log, _ = proc.communicate(timeout=300)
     finally:
@@ -129,6 +131,17 @@ def test_sharded_fit_matches_one_process(runs):
     assert ours.keys() == reference.keys() and any(k.startswith("student.model.embed_tokens") for k in ours)
     for key in reference:
         torch.testing.assert_close(ours[key], reference[key], atol=2e-6, rtol=1e-4, msg=key)
+
+
+def test_ranks_that_rewrite_different_numbers_of_rows_stay_in_step(runs):
+    """40% of the rollouts refined, one row per generation: each rank rewrites its own share (the seeds follow the rows,
+    not the ranks), the rank with fewer rows steps along on stand-in rows, and the losses are one process's."""
+    sharded, single, _, _ = runs
+    assert sorted(losses(sharded["partial"])) == [1, 2]
+    assert losses(sharded["partial"]) == pytest.approx(losses(single["partial"]), rel=1e-4, abs=1e-7)
+    per_step = sharded["partial"]["facts"]["refined_per_rank"]
+    assert any(first != second for first, second in per_step)  # the ranks did rewrite different numbers of rows
+    assert [sum(step) for step in per_step] == [sum(step) for step in single["partial"]["facts"]["refined_per_rank"]]
 
 
 def test_offline_round_trains_the_same_sharded(runs):

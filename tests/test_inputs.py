@@ -9,6 +9,7 @@ import pytest
 from helpers import make_run
 
 from trd_lightning import DistillationModule, OnPolicyDataModule
+from trd_lightning.data.options import PromptOptions, RefineOptions, RolloutOptions, ValidationOptions
 from trd_lightning.prompts import STUDENT_TEMPLATE
 
 # The tiny models of conftest.py have this many positions.
@@ -93,14 +94,19 @@ def test_micro_batch_must_divide_the_rollouts(tiny, tmp_path, batch, generations
     rollouts = batch * generations
     match = rf"micro_batch_size={micro} does not divide the {rollouts} rollouts.*pick a divisor"
     with pytest.raises(ValueError, match=match):
-        data = {"batch_size": batch, "num_generations": generations}
+        data = {"batch_size": batch, "rollout": {"num_generations": generations}}
         fit(tiny, tmp_path, model={"micro_batch_size": micro}, data=data)
 
 
 def test_micro_batch_dividing_the_rollouts_is_accepted(tiny, tmp_path):
     # Micro-batches split rollouts, not prompts: 2 divides the 3 x 2 = 6 rollouts though not the 3 prompts.
     with pytest.raises(AssertionError, match="weights loaded"):
-        fit(tiny, tmp_path, model={"micro_batch_size": 2}, data={"batch_size": 3, "num_generations": 2})
+        fit(tiny, tmp_path, model={"micro_batch_size": 2}, data={"batch_size": 3, "rollout": {"num_generations": 2}})
+
+
+def test_a_token_budget_needs_no_dividing_micro_batch(tiny, tmp_path):
+    with pytest.raises(AssertionError, match="weights loaded"):
+        fit(tiny, tmp_path, model={"micro_batch_size": 3, "micro_batch_tokens": 256}, data={"batch_size": 4})
 
 
 # ------------------------------------------------------------------ lengths
@@ -125,20 +131,20 @@ def longest_student_prompt(tiny) -> int:
 
 def test_prompt_plus_new_tokens_over_the_positions(tiny, tmp_path):
     longest = longest_student_prompt(tiny)
-    with pytest.raises(ValueError, match=rf"\({longest} tokens\).*lower data\.max_new_tokens"):
-        fit(tiny, tmp_path, data={"max_new_tokens": POSITIONS - longest + 1})
+    with pytest.raises(ValueError, match=rf"\({longest} tokens\).*lower data\.rollout\.max_new_tokens"):
+        fit(tiny, tmp_path, data={"rollout": {"max_new_tokens": POSITIONS - longest + 1}})
 
 
 def test_prompt_plus_new_tokens_exactly_at_the_positions(tiny, tmp_path):
     # The boundary: a sequence that fills every position exactly is allowed.
     longest = longest_student_prompt(tiny)
     with pytest.raises(AssertionError, match="weights loaded"):
-        fit(tiny, tmp_path, data={"max_new_tokens": POSITIONS - longest})
+        fit(tiny, tmp_path, data={"rollout": {"max_new_tokens": POSITIONS - longest}})
 
 
 def test_every_prompt_too_long(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"max_prompt_length=3 tokens: raise data\.max_prompt_length"):
-        fit(tiny, tmp_path, data={"max_prompt_length": 3})
+        fit(tiny, tmp_path, data={"prompt": {"max_prompt_length": 3}})
 
 
 # ------------------------------------------------------------------ data
@@ -186,4 +192,56 @@ def test_empty_dataset(tiny, tmp_path):
 
 def test_student_template_without_problem_slot():
     with pytest.raises(ValueError, match=r"student template must contain \{problem\}"):
-        OnPolicyDataModule(student_template="Solve it. Put the answer in \\boxed{}.")
+        PromptOptions(student_template="Solve it. Put the answer in \\boxed{}.")
+
+
+def test_refine_prompt_over_the_positions(tiny, tmp_path):
+    refine = {"enabled": True, "max_prompt_length": POSITIONS - 11, "max_new_tokens": 12}
+    with pytest.raises(ValueError, match=r"\(513 in all\).*lower data\.refine\.max_prompt_length"):
+        fit(tiny, tmp_path, data={"refine": refine})
+    refine["max_prompt_length"] = POSITIONS - 12
+    with pytest.raises(AssertionError, match="weights loaded"):
+        fit(tiny, tmp_path, data={"refine": refine})
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        ({"lr": 0.0}, r"model\.lr must be > 0"),
+        ({"lr": -1e-5}, r"model\.lr must be > 0"),
+        ({"weight_decay": -0.1}, r"model\.weight_decay must be >= 0"),
+        ({"betas": (0.9, 1.0)}, r"model\.betas must be two numbers in \[0, 1\)"),
+        ({"warmup_ratio": 1.0}, r"model\.warmup_ratio must be in \[0, 1\)"),
+        ({"min_lr_ratio": 1.5}, r"model\.min_lr_ratio must be in \[0, 1\]"),
+        ({"max_grad_norm": 0.0}, r"model\.max_grad_norm must be > 0"),
+        ({"micro_batch_tokens": 0}, r"model\.micro_batch_tokens must be at least 1"),
+    ],
+)
+def test_optimizer_and_step_settings_are_checked_at_construction(model, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationModule(student="s", teacher="t", **model)
+
+
+@pytest.mark.parametrize(
+    ("group", "values", "match"),
+    [
+        (RolloutOptions, {"num_generations": 0}, r"data\.rollout\.num_generations must be at least 1"),
+        (RolloutOptions, {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        (RolloutOptions, {"max_generation_rows": 0}, r"max_generation_rows"),
+        (ValidationOptions, {"samples": 0}, r"data\.validation\.samples must be at least 1"),
+        (PromptOptions, {"max_prompt_length": 0}, r"data\.prompt\.max_prompt_length must be at least 1"),
+        (RefineOptions, {"max_prompt_length": 0}, r"data\.refine\.max_prompt_length must be at least 1"),
+    ],
+)
+def test_option_groups_check_their_values(group, values, match):
+    with pytest.raises(ValueError, match=match):
+        group(**values)
+
+
+def test_refine_template_without_its_slots():
+    with pytest.raises(ValueError, match=r"refine template must contain \{initial\}"):
+        OnPolicyDataModule(refine=RefineOptions(enabled=True, template="{problem} only"))
+    with pytest.raises(ValueError, match=r"refine template must contain \{solution\}"):
+        OnPolicyDataModule(
+            teacher_context="privileged", refine=RefineOptions(enabled=True, template="{problem} {initial}")
+        )

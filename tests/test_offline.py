@@ -31,10 +31,10 @@ def test_round_trip_and_resume_after_an_interruption(tiny, tmp_path, monkeypatch
             f"--model.student={tiny['student']}",
             f"--model.teacher={tiny['teacher']}",
             f"--data.train_data={tiny['train']}",
-            "--data.refine=true",
+            "--data.refine.enabled=true",
             "--data.batch_size=16",
-            "--data.max_new_tokens=8",
-            "--data.val_split=null",
+            "--data.rollout.max_new_tokens=8",
+            "--data.validation.split=null",
         ]
     )
     rows = round_rows(full)
@@ -47,22 +47,23 @@ def test_round_trip_and_resume_after_an_interruption(tiny, tmp_path, monkeypatch
 
     # A crash after two shards: what was written stays, nothing half-written is left, and a rerun completes it.
     part = tmp_path / "part"
-    trainer, module, data = make_run(tiny, tmp_path, data={"refine": True, "batch_size": 16, "max_new_tokens": 8})
+    round_data = {"refine": {"enabled": True}, "batch_size": 16, "rollout": {"max_new_tokens": 8}}
+    trainer, module, data = make_run(tiny, tmp_path, data=round_data)
     calls = {"n": 0}
-    original = type(data).sample
+    original = type(data).produce
 
-    def crashing_sample(self, *args, **kwargs):
+    def crashing_produce(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:  # two shards = 2 x (rollout + refinement) samples
+        if calls["n"] == 3:  # after two shards
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(data), "sample", crashing_sample)
+    monkeypatch.setattr(type(data), "produce", crashing_produce)
     with pytest.raises(KeyboardInterrupt):
         write_refinement_round(module, data, part, "cpu")
     assert sorted(p.name for p in part.iterdir()) == [shard_path(part, 0).name, shard_path(part, 1).name]
     first_shard = shard_path(part, 0).read_bytes()
-    monkeypatch.setattr(type(data), "sample", original)
+    monkeypatch.setattr(type(data), "produce", original)
     write_refinement_round(module, data, part, "cpu")
     assert shard_path(part, 0).read_bytes() == first_shard  # not rewritten
     assert round_rows(part) == rows  # same seeds: the resumed round equals the uninterrupted one
@@ -70,7 +71,8 @@ def test_round_trip_and_resume_after_an_interruption(tiny, tmp_path, monkeypatch
 
 def test_training_on_an_offline_round_uses_y_r_and_the_refine_prompt(tiny, tmp_path):
     folder = tmp_path / "round"
-    trainer, module, data = make_run(tiny, tmp_path, data={"refine": True, "batch_size": 16, "max_new_tokens": 8})
+    round_data = {"refine": {"enabled": True}, "batch_size": 16, "rollout": {"max_new_tokens": 8}}
+    trainer, module, data = make_run(tiny, tmp_path, data=round_data)
     write_refinement_round(module, data, folder, "cpu")
     rows = {r["problem"]: r for r in round_rows(folder)}
 
@@ -83,24 +85,29 @@ def test_training_on_an_offline_round_uses_y_r_and_the_refine_prompt(tiny, tmp_p
     trainer, module, data = make_run(
         tiny,
         tmp_path / "fit",
-        data={"refine": True, "offline_data": str(folder), "max_new_tokens": 8},
+        data={"refine": {"enabled": True, "offline_round": str(folder)}, "rollout": {"max_new_tokens": 8}},
         callbacks=[Keep()],
         max_steps=1,
     )
     trainer.fit(module, data)
-    b, tok = seen[0], data.tokenizer
-    width = b["response_ids"].shape[1]
-    for i, problem in enumerate(b["problem"]):
+    batch, tok = seen[0], data.tokenizer
+    train = batch.produced.train
+    width = train.response_ids.shape[1]
+    assert batch.produced.refined.all() and not train.sampled.any()
+    for i, problem in enumerate(batch.problem):
         expected = tok(rows[problem]["y_r"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        assert b["response_ids"][i][b["response_mask"][i]].tolist() == expected[:8]
-        context = b["teacher_ids"][i][:-width][b["teacher_mask"][i][:-width].bool()].tolist()
+        assert train.response_ids[i][train.response_mask[i]].tolist() == expected[:8]
+        context = train.teacher_ids[i][:-width][train.teacher_mask[i][:-width].bool()].tolist()
         row = rows[problem]
-        assert context == data.refiner.prompt_ids(row["problem"], row["solution"], row["y_o"])
+        assert context == data.rewriter.prompt.ids(row["problem"], row["solution"], row["y_o"])
         assert "Your Initial Solution" in tok.decode(context)
+        original = batch.produced.original
+        y_o = tok(rows[problem]["y_o"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert original.response_ids[i][original.response_mask[i]].tolist() == y_o[:8]
 
 
-def test_offline_data_needs_the_refine_prompt(tiny):
-    from trd_lightning import OnPolicyDataModule
+def test_offline_data_needs_the_refine_prompt():
+    from trd_lightning.data.options import RefineOptions
 
-    with pytest.raises(ValueError, match="data.refine: true"):
-        OnPolicyDataModule(tokenizer=tiny["student"], offline_data="somewhere")
+    with pytest.raises(ValueError, match="data.refine.enabled: true"):
+        RefineOptions(offline_round="somewhere")

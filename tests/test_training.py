@@ -26,7 +26,7 @@ def test_gradients_do_not_depend_on_micro_batching(tiny, tmp_path, loss):
             tiny,
             tmp_path / str(micro),
             model={"micro_batch_size": micro, "loss": loss, "max_grad_norm": None, "beta": 0.5},
-            data={"batch_size": 4, "num_generations": 2},
+            data={"batch_size": 4, "rollout": {"num_generations": 2}},
             callbacks=[rec],
             max_steps=1,
         )
@@ -35,6 +35,47 @@ def test_gradients_do_not_depend_on_micro_batching(tiny, tmp_path, loss):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("loss", ["jsd", "topk", "sampled_token"])
+def test_token_budget_micro_batches_give_the_one_micro_batch_gradient(tiny, tmp_path, loss):
+    """Micro-batches formed by a token budget (rows of similar length together, padding trimmed) give the gradient
+    of one micro-batch holding the whole step, to 1e-6."""
+    grads, parts = [], []
+    for name, model in (("whole", {"micro_batch_size": 8}), ("budget", {"micro_batch_tokens": 120})):
+        L.seed_everything(0)
+        rec = Recorder(grads=True)
+        trainer, module, data = make_run(
+            tiny,
+            tmp_path / name,
+            model={**model, "loss": loss, "max_grad_norm": None, "beta": 0.5},
+            data={"batch_size": 4, "rollout": {"num_generations": 2, "max_new_tokens": 16}},
+            callbacks=[rec],
+            max_steps=1,
+        )
+        module.configure_model()
+        # The random tiny student rarely draws its end token: declaring 60 more end tokens gives rollouts of
+        # varied lengths, which is what a token budget groups.
+        module.student.generation_config.eos_token_id = list(range(100, 160))
+        seen = []
+        token_losses = module.token_losses
+
+        def spy(seqs, token_losses=token_losses, seen=seen):
+            seen.append((len(seqs), seqs.student_ids.shape[1], seqs.response_mask.sum(-1).tolist()))
+            return token_losses(seqs)
+
+        module.token_losses = spy
+        trainer.fit(module, data)
+        grads.append(rec.grads[0])
+        parts.append(seen)
+    (whole,) = parts[0]
+    assert whole[0] == 8 and len(set(whole[2])) > 2  # one micro-batch of 8 rows of varied response lengths
+    assert len(parts[1]) > 1 and sum(rows for rows, _, _ in parts[1]) == 8  # the budget splits the step
+    assert all(rows * width <= 120 or rows == 1 for rows, width, _ in parts[1])
+    assert sorted(n for _, _, lengths in parts[1] for n in lengths) == sorted(whole[2])
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_teacher_equal_to_student_gives_zero_loss(tiny, tmp_path):
@@ -83,7 +124,7 @@ def test_resume_continues_the_data_order(tiny, tmp_path):
             self.out = out
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.out.append(batch["index"].tolist())
+            self.out.append(batch.index.tolist())
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer, module, data = make_run(
@@ -151,11 +192,13 @@ def test_auto_loss_implementation_takes_the_closed_form_where_it_applies(tiny, t
         trainer.fit(module, data)
         assert bool(calls) == expect, model
     # A soft-capped head is not a plain linear map: auto falls back rather than refusing.
-    module.hparams.update(beta=0.0, loss="jsd")
+    objective = DistillationModule(student="s", teacher="t").objective
     module.student.config.final_logit_softcapping = 30.0
-    assert module._closed_form_weights(output_head(module.teacher)) is None
+    assert objective.closed_form_weights(output_head(module.student), output_head(module.teacher)) is None
+    with pytest.raises(ValueError, match="bias-free linear output head"):
+        objective.closed_form_weights(output_head(module.student), output_head(module.teacher), strict=True)
     module.student.config.final_logit_softcapping = None
-    assert module._closed_form_weights(output_head(module.teacher)) is not None
+    assert objective.closed_form_weights(output_head(module.student), output_head(module.teacher)) is not None
 
 
 class WrittenMetrics(Logger):

@@ -2,7 +2,6 @@
 
 from trd_lightning.callbacks import (
     ExportStudent,
-    FSDP2Strategy,
     GradientFragmentationMonitor,
     PrefixFailureMonitor,
     RefinementScheduler,
@@ -12,6 +11,7 @@ from trd_lightning.callbacks import (
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.lora import LoraOptions
 from trd_lightning.module import DistillationModule
+from trd_lightning.strategies import FSDP2Strategy
 
 __version__ = "0.1.0"
 

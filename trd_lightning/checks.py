@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from trd_lightning.rollout.batch import RolloutSpec
 
 
 def check_vocabularies(student: str, student_vocab: int, teacher: str, teacher_vocab: int) -> None:
@@ -15,32 +14,50 @@ def check_vocabularies(student: str, student_vocab: int, teacher: str, teacher_v
         )
 
 
+def check_optimizer(lr: float, weight_decay: float, betas, warmup_ratio: float, min_lr_ratio: float) -> None:
+    if not lr > 0:
+        raise ValueError(f"model.lr must be > 0, got {lr}.")
+    if weight_decay < 0:
+        raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}.")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"model.betas must be two numbers in [0, 1), got {list(betas)}.")
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}.")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
+
+
 def check_against_data(
-    model: Mapping[str, Any], data: Mapping[str, Any], longest_prompt: int, positions: int | None
+    teacher_kind: str, micro_batch_size: int | None, spec: RolloutSpec, positions: int | None
 ) -> None:
-    """The module's settings against the DataModule's (both as hyperparameter mappings)."""
-    if model["teacher_kind"] == "shared" and data["teacher_context"] == "prompt":
+    """The module's settings against what the DataModule will produce.
+
+    Args:
+        teacher_kind: the module's ``teacher_kind``.
+        micro_batch_size: the module's ``micro_batch_size``, or None when micro-batches are formed by tokens.
+        spec: the DataModule's ``spec()``.
+        positions: the student's ``max_position_embeddings`` (None when it has no such limit).
+    """
+    if teacher_kind == "shared" and spec.teacher_context == "prompt":
         raise ValueError(
             "teacher_kind: shared scores with the student itself, so the teacher must see more than the student: "
             "set data.teacher_context: privileged (OPSD), or use teacher_kind: frozen with a teacher model."
         )
-    rollouts = data["batch_size"] * data["num_generations"]
-    if rollouts % model["micro_batch_size"]:
+    rollouts = spec.rollouts_per_step
+    if micro_batch_size is not None and rollouts % micro_batch_size:
         raise ValueError(
-            f"model.micro_batch_size={model['micro_batch_size']} does not divide the {rollouts} rollouts of a step "
-            f"(data.batch_size={data['batch_size']} x data.num_generations={data['num_generations']}): pick a divisor."
+            f"model.micro_batch_size={micro_batch_size} does not divide the {rollouts} rollouts of a step "
+            "(data.batch_size x data.rollout.num_generations): pick a divisor, or set model.micro_batch_tokens."
         )
-    if positions is not None and longest_prompt + data["max_new_tokens"] > positions:
+    if positions is not None and spec.longest_prompt + spec.max_new_tokens > positions:
         raise ValueError(
-            f"The longest prompt ({longest_prompt} tokens) plus data.max_new_tokens={data['max_new_tokens']} "
-            f"exceeds the student's {positions} positions: lower data.max_new_tokens, "
-            "data.max_prompt_length or data.max_teacher_prompt_length."
+            f"The longest prompt ({spec.longest_prompt} tokens) plus data.rollout.max_new_tokens={spec.max_new_tokens} "
+            f"exceeds the student's {positions} positions: lower data.rollout.max_new_tokens, "
+            "data.prompt.max_prompt_length or data.prompt.max_teacher_prompt_length."
         )
-    if data.get("refine") and positions is not None:
-        refine_tokens = data["max_refine_prompt_length"] + (data["refine_max_new_tokens"] or data["max_new_tokens"])
-        if refine_tokens > positions:
-            raise ValueError(
-                f"data.max_refine_prompt_length={data['max_refine_prompt_length']} plus the refiner's new tokens "
-                f"({refine_tokens} in all) exceeds the student's {positions} positions: lower "
-                "data.max_refine_prompt_length or data.refine_max_new_tokens."
-            )
+    if spec.refine_tokens is not None and positions is not None and spec.refine_tokens > positions:
+        raise ValueError(
+            f"data.refine.max_prompt_length plus the refiner's new tokens ({spec.refine_tokens} in all) "
+            f"exceeds the student's {positions} positions: lower data.refine.max_prompt_length or "
+            "data.refine.max_new_tokens."
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 
@@ -38,3 +39,8 @@ def apply_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+# Checkpoints hold the adapter options among the module's hyperparameters: allowlisted, they load back under torch's
+# weights-only unpickling (Lightning's default for ``ckpt_path``).
+torch.serialization.add_safe_globals([LoraOptions])

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
 
-from trd_lightning import losses
-from trd_lightning.checks import check_against_data, check_vocabularies
+from trd_lightning.checks import check_against_data, check_optimizer, check_vocabularies
 from trd_lightning.data.demo.world import resolve
-from trd_lightning.diagnostics import STAT_COLUMNS, token_distribution_stats
-from trd_lightning.hf import last_hidden, load_causal_lm, load_config, output_head
+from trd_lightning.diagnostics import STAT_COLUMNS
+from trd_lightning.evaluation import EvalMetrics
+from trd_lightning.hf import load_causal_lm, load_config, output_head
 from trd_lightning.lora import LoraOptions, apply_lora
-from trd_lightning.metrics import AvgAtK, PassAtK
+from trd_lightning.objective import LossName, Objective, grid, micro_batches
 from trd_lightning.optim import warmup_cosine
-from trd_lightning.rollout.assemble import response_rows
+from trd_lightning.rollout.batch import PromptBatch, RolloutModels, Sequences, StepInfo
 from trd_lightning.teacher import (
     SharedWeights,
     TeacherKind,
@@ -26,21 +24,18 @@ from trd_lightning.teacher import (
     freeze,
     frozen_copy,
     needs_copy,
-    refining_model,
-    scoring_model,
+    refiner,
+    scorer,
 )
-from trd_lightning.verify import is_correct
-
-LossName = Literal["jsd", "topk", "sampled_token", "pointwise_clip"]
 
 
 class DistillationModule(L.LightningModule):
-    """On-policy distillation of a causal LM (OPD, OPSD) with manual optimization.
+    """On-policy distillation of a causal LM (OPD, OPSD; TRD through the DataModule) with manual optimization.
 
-    One training batch is one rollout round is one optimizer step: the DataModule's ``produce`` fills the
-    batch with the student's rollouts (see ``OnPolicyDataModule``), then the step runs in micro-batches and
-    divides the summed token losses by the response-token count of the whole step on all ranks, so the
-    gradient does not depend on ``micro_batch_size``.
+    One training batch is one rollout round is one optimizer step: in ``on_train_batch_start`` the DataModule's
+    ``produce`` turns the step's prompts into a ``DistillBatch`` (see ``OnPolicyDataModule``); the step then runs in
+    micro-batches and divides the summed token losses by the response-token count of the whole step on all ranks, so
+    the gradient does not depend on how the step is split.
 
     Args:
         student: name or path of the student (a Hugging Face causal LM).
@@ -71,6 +66,8 @@ class DistillationModule(L.LightningModule):
         topd_window: the near-future window, in tokens.
         topd_discount: the discount of the spread weight per token.
         micro_batch_size: sequences per forward/backward; a memory knob only, it must divide the step's rollouts.
+        micro_batch_tokens: form micro-batches by a token budget instead: rows of similar length together, each
+            micro-batch's forward passes at most this many positions (padding included). None: by row count.
         loss_chunk_size: response positions per loss chunk; bounds the logits held at once.
         loss_implementation: ``checkpointed`` (any loss: each chunk's loss graph is recomputed in backward),
             ``closed_form`` (forward KL only, ``loss: jsd`` with ``beta: 0``, bias-free output heads, unsharded:
@@ -108,6 +105,7 @@ class DistillationModule(L.LightningModule):
         topd_window: int = 4,
         topd_discount: float = 0.9,
         micro_batch_size: int = 8,
+        micro_batch_tokens: int | None = None,
         loss_chunk_size: int = 1024,
         loss_implementation: Literal["auto", "checkpointed", "closed_form"] = "auto",
         lr: float = 1e-5,
@@ -129,24 +127,30 @@ class DistillationModule(L.LightningModule):
             raise ValueError("teacher_kind: frozen needs model.teacher, the name or path of the teacher model.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}.")
-        for name in ("pointwise_clip", "token_clip"):
+        for name in ("pointwise_clip", "token_clip", "max_grad_norm"):
             if getattr(self.hparams, name) is not None and getattr(self.hparams, name) <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self.hparams, name)}.")
         for name in ("micro_batch_size", "loss_chunk_size", "loss_top_k", "topd_window"):
             if getattr(self.hparams, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1, got {getattr(self.hparams, name)}.")
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"model.micro_batch_tokens must be at least 1 (or null), got {micro_batch_tokens}.")
         if loss_implementation == "closed_form" and (loss != "jsd" or beta != 0.0):
             raise ValueError(
                 "model.loss_implementation: closed_form computes forward KL only: set model.loss: jsd and "
                 "model.beta: 0, or use loss_implementation: checkpointed."
             )
+        check_optimizer(lr, weight_decay, betas, warmup_ratio, min_lr_ratio)
+        self.objective = Objective(
+            loss, beta, loss_temperature, loss_top_k, loss_top_k_tail, loss_top_k_support, pointwise_clip, token_clip,
+            topd, topd_threshold, topd_window, topd_discount, loss_chunk_size, loss_implementation,
+        )  # fmt: skip
+        self.lora_options = lora  # typed: under LightningCLI ``hparams.lora`` is the config's plain dict
         self.automatic_optimization = False
         self.student: torch.nn.Module | None = None
         self.teacher: torch.nn.Module | None = None
-        self.val_accuracy = MeanMetric()
-        self.val_avg_at_k = AvgAtK()
-        self.val_pass_at_k = PassAtK(1)  # k is the DataModule's val_samples, known in setup
-        self.val_length = MeanMetric()
+        self.val_metrics = EvalMetrics("val", 1)  # k is the DataModule's validation.samples, known in setup
+        self.test_metrics = EvalMetrics("test", 1)
         self._produce_seconds = 0.0
 
     # ----------------------------------------------------------------- setup
@@ -158,10 +162,12 @@ class DistillationModule(L.LightningModule):
             teacher_cfg = load_config(resolve(hp.teacher), hp.trust_remote_code)
             check_vocabularies(hp.student, student_cfg.vocab_size, hp.teacher, teacher_cfg.vocab_size)
         data = getattr(self.trainer, "datamodule", None)
-        if data is not None and hasattr(data, "produce"):
-            positions = getattr(student_cfg, "max_position_embeddings", None)
-            check_against_data(hp, data.hparams, data.longest_prompt, positions)
-            self.val_pass_at_k = PassAtK(data.hparams.val_samples)
+        if data is not None and hasattr(data, "spec"):
+            spec = data.spec()
+            micro = None if hp.micro_batch_tokens else hp.micro_batch_size
+            check_against_data(hp.teacher_kind, micro, spec, getattr(student_cfg, "max_position_embeddings", None))
+            self.val_metrics = EvalMetrics("val", spec.validation_samples)
+            self.test_metrics = EvalMetrics("test", spec.validation_samples)
 
     def configure_model(self) -> None:
         """Load the student (and the teacher) once; called again by Lightning, it does nothing."""
@@ -172,53 +178,54 @@ class DistillationModule(L.LightningModule):
         if hp.gradient_checkpointing:
             # transformers 5 renamed it (the old name warns); 4.x has only the old one.
             getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
-        if hp.lora is not None:
-            student = apply_lora(student, hp.lora)
+        if self.lora_options is not None:
+            student = apply_lora(student, self.lora_options)
         self.student = student.train()  # from_pretrained returns eval mode
         if hp.teacher_kind == "frozen":
             self.teacher = freeze(load_causal_lm(resolve(hp.teacher), hp.dtype, hp.trust_remote_code))
         elif needs_copy(hp.teacher_kind, hp.shared_weights, student):
             self.teacher = frozen_copy(student)
         if hp.loss_implementation == "closed_form":
-            for model in (self.student, self.teacher):
-                if model is not None:
-                    _linear_weight(output_head(model))  # fail now, not at the first step
-
-    @property
-    def needs_behavior_logprobs(self) -> bool:
-        return self.hparams.loss == "sampled_token"
+            with self.scorer() as model:  # fail now, not at the first step
+                self.objective.closed_form_weights(output_head(self.student), output_head(model), strict=True)
 
     def scorer(self):
         """Context manager giving the model that scores as teacher."""
-        return scoring_model(self.student, self.teacher, self.hparams.teacher_kind, self.hparams.shared_weights)
+        return scorer(self.student, self.teacher, self.hparams.teacher_kind, self.hparams.shared_weights)
 
     def refiner(self):
-        """Context manager giving the model that rewrites rollouts (TRD)."""
-        return refining_model(self.student, self.teacher, self.hparams.teacher_kind, self.hparams.shared_weights)
+        """Context manager giving the frozen model that rewrites rollouts (TRD)."""
+        return refiner(self.student, self.teacher, self.hparams.teacher_kind, self.hparams.shared_weights)
+
+    def rollout_models(self) -> RolloutModels:
+        """The narrow handle the rollout side gets: what to sample from, and how to open the scorer and refiner."""
+        return RolloutModels(student=self.student, scorer=self.scorer, refiner=self.refiner)
+
+    def _step_info(self) -> StepInfo:
+        return StepInfo(self.global_step, self.global_rank, self.trainer.world_size)
 
     # -------------------------------------------------------------- training
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        stats = self.trainer.datamodule.produce(batch, self)
+    def on_train_batch_start(self, batch: PromptBatch, batch_idx: int) -> None:
+        batch.produced = self.trainer.datamodule.produce(batch, self.rollout_models(), self._step_info())
+        stats = batch.produced.stats
         self._produce_seconds = stats["perf/rollout_seconds"] + stats.get("perf/refine_seconds", 0.0)
         if self._logger_writes():
-            self.log_dict(stats, batch_size=len(batch["response_ids"]))
+            self.log_dict(stats, batch_size=len(batch.produced.train))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()
-        opt = self.optimizers()
-        scheduler = self.lr_schedulers()
-        total = batch["num_response_tokens"].clamp(min=1)
+        opt, scheduler = self.optimizers(), self.lr_schedulers()
+        seqs = batch.produced.train
+        total = self.trainer.strategy.reduce(seqs.response_mask.sum().float(), reduce_op="sum").clamp(min=1)
         # Gradients are averaged over ranks by the strategy; multiplying by the world size turns that mean
         # back into the sum, so the step's loss is exactly sum(token losses) / global token count.
         scale = self.trainer.world_size / total
-        rows = batch["student_ids"].shape[0]
-        micro = self.hparams.micro_batch_size
+        parts = micro_batches(seqs, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens)
         token_losses = []
         opt.zero_grad(set_to_none=True)
-        for first in range(0, rows, micro):
-            part = slice(first, first + micro)
-            with opt.toggle_model(sync_grad=first + micro >= rows):
-                per_token = self.token_losses(batch, part)
+        for i, rows in enumerate(parts):
+            with opt.toggle_model(sync_grad=i == len(parts) - 1):
+                per_token = self.token_losses(seqs.rows(rows))
                 self.manual_backward(per_token.sum() * scale)
             token_losses.append(per_token.detach())
         grad_norm = None if self.hparams.max_grad_norm is None else self._clip_gradients(opt)
@@ -231,6 +238,10 @@ class DistillationModule(L.LightningModule):
         self._log_step(loss, token_losses, total, grad_norm, time.perf_counter() - start)
         return loss
 
+    def token_losses(self, seqs: Sequences) -> torch.Tensor:
+        """Per-response-token losses of ``seqs`` (student graph attached), in ``response_mask`` order."""
+        return self.objective.token_losses(self.student, self.scorer, seqs)
+
     def _clip_gradients(self, opt) -> torch.Tensor:
         """Clip the optimizer's gradients to ``max_grad_norm``; returns their total norm before clipping.
 
@@ -242,129 +253,41 @@ class DistillationModule(L.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
-    def token_losses(self, batch: dict, part: slice) -> torch.Tensor:
-        """Per-response-token losses of the rows ``part`` of a produced batch (student graph attached)."""
-        hp = self.hparams
-        response_mask = batch["response_mask"][part]
-        student_rows, teacher_rows, teacher_head = self._response_hidden(batch, part)
-        aux = []
-        if hp.loss == "sampled_token":
-            aux = [batch["response_ids"][part][response_mask], batch["behavior_logprobs"][part][response_mask]]
-        weights = self._closed_form_weights(teacher_head)
-        if weights is not None:
-            per_token = losses.closed_form_forward_kl(
-                student_rows, teacher_rows, *weights, hp.loss_temperature, hp.loss_chunk_size
-            )
-        else:
-            per_token = losses.chunked_token_loss(
-                student_rows,
-                teacher_rows,
-                output_head(self.student),
-                teacher_head,
-                self._loss_fn,
-                hp.loss_chunk_size,
-                *aux,
-            )
-        if hp.token_clip is not None:
-            per_token = losses.kl_token_clip(per_token, hp.token_clip)
-        if hp.topd:
-            # TOPD looks along each sequence: lay the rows back out as [batch, position] and return to rows.
-            weighted = losses.topd_token_loss(
-                _grid(per_token, response_mask), response_mask, hp.topd_threshold, hp.topd_window, hp.topd_discount
-            )
-            per_token = weighted[response_mask.bool()]
-        return per_token
-
-    def _closed_form_weights(self, teacher_head) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The two head weights when the loss runs in closed form, else None (``loss_implementation``)."""
-        hp = self.hparams
-        heads = (output_head(self.student), teacher_head)
-        if hp.loss_implementation == "closed_form":
-            return tuple(_linear_weight(head) for head in heads)
-        if hp.loss_implementation == "checkpointed" or hp.loss != "jsd" or hp.beta != 0.0:
-            return None
-        try:
-            return tuple(_linear_weight(head) for head in heads)
-        except ValueError:  # a soft-capped, biased or sharded head: the checkpointed path computes the same loss
-            return None
-
-    def _response_hidden(self, batch: dict, part: slice):
-        """Student and teacher hidden states at the response positions of rows ``part``, and the teacher's head."""
-        response_mask = batch["response_mask"][part]
-        hidden = last_hidden(self.student, batch["student_ids"][part], batch["student_mask"][part])
-        student_rows = response_rows(hidden, batch["student_ids"].shape[1] - response_mask.shape[1], response_mask)
-        with torch.no_grad(), self.scorer() as scorer:
-            t_hidden = last_hidden(scorer, batch["teacher_ids"][part], batch["teacher_mask"][part])
-            teacher_rows = response_rows(
-                t_hidden, batch["teacher_ids"].shape[1] - response_mask.shape[1], response_mask
-            )
-            teacher_head = output_head(scorer)
-        return student_rows, teacher_rows, teacher_head
-
     # ----------------------------------------------------------- diagnostics
-    # The protocol of GradientFragmentationMonitor and PrefixFailureMonitor (trd_lightning.callbacks).
-    def diagnostic_views(self, batch: dict) -> dict[str, dict]:
+    # The protocol of GradientFragmentationMonitor and PrefixFailureMonitor (trd_lightning.callbacks.protocol).
+    def diagnostic_views(self, batch: PromptBatch) -> dict[str, Sequences]:
         """The rollouts to diagnose: ``y_o`` (as sampled) and, when the step refined some, ``y_r``.
 
         Rows are paired: row i of ``y_o`` is the rollout that row i of ``y_r`` rewrote (refined rows come first).
         """
-        if "original" not in batch:
-            return {"y_o": batch}
-        refined = batch["refined"]
-        order = torch.argsort((~refined).int(), stable=True)
-        original = {k: v[order] for k, v in batch["original"].items() if v is not None}
-        if not refined.any():
+        produced = batch.produced
+        if produced.original is None:
+            return {"y_o": produced.train}
+        order = torch.argsort((~produced.refined).int(), stable=True)
+        original = produced.original.rows(order)
+        if not produced.refined.any():
             return {"y_o": original}
-        return {"y_o": original, "y_r": {k: batch[k][refined] for k in original}}
+        return {"y_o": original, "y_r": produced.train.rows(produced.refined.nonzero()[:, 0])}
 
-    def sequence_token_losses(self, batch: dict, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_token_losses(self, view: Sequences, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """[n, L] per-token distillation losses of ``rows`` (graph attached, 0 off the mask) and the [n, L] mask."""
-        mask = batch["response_mask"][rows].bool()
+        part = view.rows(rows)
+        mask = part.response_mask.bool()
         if mask.shape[0] == 0:  # past the last row: the monitor's signal to stop
             return torch.zeros(mask.shape, device=mask.device), mask
-        return _grid(self.token_losses(batch, rows), mask), mask
+        return grid(self.token_losses(part), mask), mask
 
     @torch.no_grad()
-    def token_statistics(self, batch: dict, rows: slice) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def token_statistics(self, view: Sequences, rows: slice) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """[n, L] grids of ``diagnostics.STAT_COLUMNS`` for ``rows`` (teacher vs student) and the [n, L] mask."""
-        mask = batch["response_mask"][rows].bool()
+        part = view.rows(rows)
+        mask = part.response_mask.bool()
         if mask.shape[0] == 0:
             return {name: torch.zeros(mask.shape, device=mask.device) for name in STAT_COLUMNS}, mask
-        student_rows, teacher_rows, teacher_head = self._response_hidden(batch, rows)
-        values = losses.chunked_token_loss(
-            student_rows,
-            teacher_rows,
-            output_head(self.student),
-            teacher_head,
-            token_distribution_stats,
-            self.hparams.loss_chunk_size,
-            batch["response_ids"][rows][mask],
-        )
-        return {name: _grid(values[:, i], mask) for i, name in enumerate(STAT_COLUMNS)}, mask
+        values = self.objective.token_statistics(self.student, self.scorer, part)
+        return {name: grid(values[:, i], mask) for i, name in enumerate(STAT_COLUMNS)}, mask
 
-    @property
-    def _loss_fn(self):
-        hp = self.hparams
-        if hp.loss == "jsd":
-            return partial(losses.generalized_jsd, beta=hp.beta, temperature=hp.loss_temperature)
-        if hp.loss == "topk":
-            return partial(
-                losses.topk_divergence,
-                k=hp.loss_top_k,
-                beta=hp.beta,
-                temperature=hp.loss_temperature,
-                tail=hp.loss_top_k_tail,
-                support=hp.loss_top_k_support,
-            )
-        if hp.loss == "pointwise_clip":
-            return partial(
-                losses.pointwise_clipped_divergence,
-                beta=hp.beta,
-                temperature=hp.loss_temperature,
-                clip=hp.pointwise_clip,
-            )
-        return partial(_sampled_token, temperature=hp.loss_temperature)
-
+    # --------------------------------------------------------------- logging
     def _logger_writes(self) -> bool:
         """True on the steps the logger writes (``trainer.log_every_n_steps``).
 
@@ -393,25 +316,17 @@ class DistillationModule(L.LightningModule):
             metrics["train/grad_norm"] = grad_norm
         self.log_dict(metrics, batch_size=n)
 
-    # ------------------------------------------------------------ validation
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        data = self.trainer.datamodule
-        k = data.hparams.val_samples
-        seed = data.hparams.seed * 7919 + batch_idx * self.trainer.world_size + self.trainer.global_rank
-        ids, mask = batch["prompt_ids"].repeat_interleave(k, 0), batch["prompt_mask"].repeat_interleave(k, 0)
-        out = data.sample(self.student, ids, mask, data.val_sampling, seed)
-        texts = data.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
-        answers = [a for a in batch["answer"] for _ in range(k)]
-        self.val_length.update(out.mask.sum(-1).float())
-        self.log("val/response_length", self.val_length, on_epoch=True, batch_size=len(texts))
-        if all(a is not None for a in answers):
-            correct = torch.tensor([is_correct(t, a) for t, a in zip(texts, answers)], device=ids.device)
-            self.val_accuracy.update(correct.float())
-            self.val_avg_at_k.update(correct.view(-1, k))
-            self.val_pass_at_k.update(correct.view(-1, k))
-            self.log("val/accuracy", self.val_accuracy, on_epoch=True, batch_size=len(texts))
-            self.log(f"val/avg@{k}", self.val_avg_at_k, on_epoch=True, batch_size=len(texts))
-            self.log(f"val/pass@{k}", self.val_pass_at_k, on_epoch=True, batch_size=len(texts))
+    # ------------------------------------------------------------ evaluation
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def _evaluate(self, batch: PromptBatch, metrics: EvalMetrics) -> None:
+        out = self.trainer.datamodule.validation_rollouts(batch, self.rollout_models(), self._step_info())
+        metrics.update(out)
+        self.log_dict(metrics.loggable(out.correct is not None), on_epoch=True, batch_size=len(out.texts))
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self):
@@ -445,30 +360,3 @@ class DistillationModule(L.LightningModule):
         if "state_dict" in checkpoint and "teacher" in self.checkpoint_excludes():
             # Put the loaded teacher's own weights back so that loading stays strict for the student.
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-
-
-def _linear_weight(head) -> torch.Tensor:
-    """The weight of a plain bias-free linear output head (what ``loss_implementation: closed_form`` needs)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        raise ValueError(
-            "loss_implementation: closed_form needs a bias-free linear output head without logit soft-capping: "
-            "use loss_implementation: checkpointed for this model."
-        )
-    if isinstance(head.weight, DTensor):
-        raise ValueError("loss_implementation: closed_form does not run sharded yet: use checkpointed under FSDP.")
-    return head.weight
-
-
-def _grid(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token values laid out as the [B, L] response grid (0 off the mask)."""
-    return per_token.new_zeros(mask.shape).masked_scatter(mask.bool(), per_token)
-
-
-def _sampled_token(student_logits, teacher_logits, ids, behavior_logprobs, temperature: float):
-    return losses.sampled_token_loss(
-        losses.token_logprobs(student_logits, ids, temperature),
-        losses.token_logprobs(teacher_logits, ids, temperature),
-        behavior_logprobs,
-    )

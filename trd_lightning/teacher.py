@@ -48,7 +48,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
 
 @contextlib.contextmanager
-def scoring_model(
+def scorer(
     student: nn.Module, teacher: nn.Module | None, kind: TeacherKind, weights: SharedWeights
 ) -> Iterator[nn.Module]:
     """The model that scores as teacher, for the duration of the block.
@@ -64,10 +64,10 @@ def scoring_model(
         yield teacher
 
 
-def refining_model(student: nn.Module, teacher: nn.Module | None, kind: TeacherKind, weights: SharedWeights):
-    """The model that rewrites rollouts in TRD, as a context manager.
+def refiner(student: nn.Module, teacher: nn.Module | None, kind: TeacherKind, weights: SharedWeights):
+    """The refiner: the frozen model that rewrites rollouts in TRD, as a context manager.
 
     OPD refines with the frozen teacher. OPSD refines with the initial student (adapter off, or the frozen
     copy); a ``live`` or ``ema`` self-teacher without LoRA keeps no initial weights and refines as it scores.
     """
-    return scoring_model(student, teacher, kind, "initial" if kind == "shared" and is_peft(student) else weights)
+    return scorer(student, teacher, kind, "initial" if kind == "shared" and is_peft(student) else weights)

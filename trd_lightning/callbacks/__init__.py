@@ -1,9 +1,7 @@
-"""Callbacks: refinement scheduler, diagnostics, rollout samples, validation before the first step, export; and
-the FSDP2 sharding strategy."""
+"""Callbacks: refinement scheduler, diagnostics, rollout samples, validation before the first step, export."""
 
 from trd_lightning.callbacks.export import ExportStudent
 from trd_lightning.callbacks.fragmentation import GradientFragmentationMonitor
-from trd_lightning.callbacks.fsdp import FSDP2Strategy
 from trd_lightning.callbacks.prefix import PrefixFailureMonitor
 from trd_lightning.callbacks.refinement import RefinementScheduler
 from trd_lightning.callbacks.samples import RolloutSamples
@@ -11,7 +9,6 @@ from trd_lightning.callbacks.validate_start import ValidateAtStart
 
 __all__ = [
     "ExportStudent",
-    "FSDP2Strategy",
     "GradientFragmentationMonitor",
     "PrefixFailureMonitor",
     "RefinementScheduler",

@@ -1,19 +1,10 @@
 """GradientFragmentationMonitor: do the per-sequence gradients of the distillation loss agree?
 
-Works with any LightningModule that implements a small protocol:
-
-- ``sequence_token_losses(batch, rows: slice) -> (losses, mask)`` (required): the [n, L] per-token losses of
-  the batch's ``rows`` with the autograd graph attached (0 off the mask), and the [n, L] bool mask of the
-  tokens that count. A sequence's gradient is that of the sum of its token losses, i.e. its share of the step's
-  gradient. The monitor asks for one row at a time (``slice(i, i + 1)``) and stops at the first empty answer.
-- ``diagnostic_views(batch) -> {name: batch}`` (optional): named sets of sequences measured separately, each
-  logged with ``/name`` after the metric (DistillationModule: ``y_o`` and, on refined steps, ``y_r``).
-- ``token_statistics(batch, rows) -> ({"teacher_token_logprob": [n, L], ...}, mask)`` (optional): when present,
-  a sequence's first divergence is its first token whose teacher log-prob is below ``divergence_logprob``;
-  otherwise its first token whose loss exceeds ``divergence_loss``.
-- ``probe_parameters() -> list[Parameter]`` (optional): the parameters whose gradients are compared. Without
-  it, ``probe`` chooses: LoRA weights when the module has trainable ones, else the last decoder block and the
-  output head of the (first trainable) Hugging Face model inside the module, else every trainable parameter.
+Works with any LightningModule that implements ``SequenceLosses`` (and optionally ``DiagnosticViews``,
+``TokenStatistics`` and ``ProbeParameters``): see ``trd_lightning.callbacks.protocol``. Without ``TokenStatistics``, a
+sequence's first divergence is its first token whose loss exceeds ``divergence_loss``. Without ``ProbeParameters``,
+``probe`` chooses: LoRA weights when the module has trainable ones, else the last decoder block and the output head of
+the (first trainable) Hugging Face model inside the module, else every trainable parameter.
 """
 
 from __future__ import annotations
@@ -27,6 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from trd_lightning.callbacks.periodic import PeriodicBatchCallback, suffix
+from trd_lightning.callbacks.protocol import ProbeParameters, SequenceLosses, TokenStatistics
 from trd_lightning.diagnostics import cosine, first_divergence, gradient_agreement
 
 Probe = Literal["auto", "lora", "last_block", "all"]
@@ -78,10 +70,10 @@ class GradientFragmentationMonitor(PeriodicBatchCallback):
             )
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, batch) -> None:
-        if not hasattr(pl_module, "sequence_token_losses"):
+        if not isinstance(pl_module, SequenceLosses):
             raise TypeError(
                 f"{type(pl_module).__name__} has no sequence_token_losses(batch, rows): GradientFragmentationMonitor "
-                "needs it (see trd_lightning.callbacks.fragmentation)."
+                "needs it (see trd_lightning.callbacks.protocol)."
             )
         params = probe_parameters(pl_module, self.probe)
         for name, view in self.views(pl_module, batch).items():
@@ -99,7 +91,7 @@ class GradientFragmentationMonitor(PeriodicBatchCallback):
     def _gradients(self, pl_module, view, params: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[float]]:
         """Per-sequence flattened gradients, and the before/after-divergence cosine of each diverging sequence."""
         first = None
-        if hasattr(pl_module, "token_statistics"):
+        if isinstance(pl_module, TokenStatistics):
             stats, mask = pl_module.token_statistics(view, slice(0, self.num_sequences))
             first = first_divergence(stats["teacher_token_logprob"], mask, self.divergence_logprob)
         grads, conflicts = [], []
@@ -132,7 +124,7 @@ def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter], retain_graph: boo
 
 def probe_parameters(module: nn.Module, probe: Probe = "auto") -> list[nn.Parameter]:
     """The parameters whose per-sequence gradients the monitor compares (see the module docstring)."""
-    if hasattr(module, "probe_parameters"):
+    if isinstance(module, ProbeParameters):
         return list(module.probe_parameters())
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not trainable:

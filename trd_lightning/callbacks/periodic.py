@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 
 import lightning as L
 
+from trd_lightning.callbacks.protocol import DiagnosticViews
+
 
 class PeriodicBatchCallback(L.Callback, ABC):
     """Calls ``measure(trainer, pl_module, batch)`` on the steps where ``global_step % every_n_steps == 0``.
@@ -38,7 +40,7 @@ class PeriodicBatchCallback(L.Callback, ABC):
     @staticmethod
     def views(pl_module: L.LightningModule, batch) -> dict:
         """The module's named views of the batch (``diagnostic_views``), or the batch itself under no name."""
-        if hasattr(pl_module, "diagnostic_views"):
+        if isinstance(pl_module, DiagnosticViews):
             return pl_module.diagnostic_views(batch)
         return {"": batch}
 

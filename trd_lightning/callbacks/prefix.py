@@ -1,8 +1,7 @@
 """PrefixFailureMonitor: how torn is the teacher along the student's rollouts, and where do they go wrong?
 
-Needs a module with ``token_statistics(batch, rows) -> (grids, mask)``, the [n, L] grids of
-``trd_lightning.diagnostics.STAT_COLUMNS`` (DistillationModule has it), and uses ``diagnostic_views`` when present
-(see ``trd_lightning.callbacks.fragmentation`` for the protocol).
+Needs a module that implements ``TokenStatistics`` (DistillationModule does), and uses ``DiagnosticViews`` when
+present: see ``trd_lightning.callbacks.protocol``.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import lightning as L
 import torch
 
 from trd_lightning.callbacks.periodic import PeriodicBatchCallback, suffix
+from trd_lightning.callbacks.protocol import TokenStatistics
 from trd_lightning.diagnostics import first_divergence, prefix_stats
 
 
@@ -59,10 +59,10 @@ class PrefixFailureMonitor(PeriodicBatchCallback):
         self.figure_every_n_steps = figure_every_n_steps
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, batch) -> None:
-        if not hasattr(pl_module, "token_statistics"):
+        if not isinstance(pl_module, TokenStatistics):
             raise TypeError(
                 f"{type(pl_module).__name__} has no token_statistics(batch, rows): PrefixFailureMonitor needs it "
-                "(see trd_lightning.callbacks.prefix)."
+                "(see trd_lightning.callbacks.protocol)."
             )
         drawn = {}
         for name, view in self.views(pl_module, batch).items():

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 
-from trd_lightning.rollout.refine import RefineMode
-from trd_lightning.rollout.refiner import RefinementPlan
+from trd_lightning.rollout.selection import RefinementPlan, RefineMode
 
 Schedule = Literal["constant", "linear", "cosine", "step"]
 
@@ -35,7 +34,10 @@ def scheduled_value(
 
 
 class RefinementScheduler(L.Callback):
-    """Sets, before every step, the share of rollouts TRD refines and how they are chosen.
+    """Hands the DataModule, before every step, the share of rollouts TRD refines and how they are chosen.
+
+    The plan reaches the rollout side through one call, ``datamodule.plan_refinement(plan)``; it is a function of
+    the step alone, so a resumed run gets the plans of the uninterrupted one.
 
     Args:
         schedule: ``constant``, ``linear``, ``cosine`` or ``step``, from ``p_start`` to ``p_end``.
@@ -70,38 +72,32 @@ class RefinementScheduler(L.Callback):
         if num_stairs < 2:
             raise ValueError(f"RefinementScheduler.num_stairs must be at least 2, got {num_stairs}.")
         scheduled_value(schedule, 0, 1, p_start, p_end, num_stairs)  # rejects an unknown schedule now
+        RefinementPlan(p_start, mode)  # rejects an unknown mode now
         self.schedule, self.p_start, self.p_end = schedule, p_start, p_end
         self.total_steps, self.num_stairs = total_steps, num_stairs
         self.mode, self.divergence_prob, self.min_student_logprob = mode, divergence_prob, min_student_logprob
-        self.last_step, self.last_prob = -1, p_start
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         data = trainer.datamodule
         if stage != "fit" or data is None:
             return
-        if not getattr(data.hparams, "refine", False):
+        spec = data.spec()
+        if not spec.refines:
             raise ValueError(
-                "RefinementScheduler schedules TRD's refinement: set data.refine: true, or drop the callback."
+                "RefinementScheduler schedules TRD's refinement: set data.refine.enabled: true, or drop the callback."
             )
-        if self.mode == "incorrect" and data.hparams.answer_column is None:
+        if self.mode == "incorrect" and not spec.verifies:
             raise ValueError(
                 "RefinementScheduler mode 'incorrect' needs answers: set data.answer_column, or use mode 'all'."
             )
 
-    def prob_at(self, step: int, trainer: L.Trainer) -> float:
+    def plan_at(self, step: int, trainer: L.Trainer) -> RefinementPlan:
+        """The plan of optimizer step ``step``."""
         total = self.total_steps or (trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)
-        return scheduled_value(self.schedule, step, int(total), self.p_start, self.p_end, self.num_stairs)
+        prob = scheduled_value(self.schedule, step, int(total), self.p_start, self.p_end, self.num_stairs)
+        return RefinementPlan(prob, self.mode, math.log(self.divergence_prob), self.min_student_logprob)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self.last_step = trainer.global_step
-        self.last_prob = self.prob_at(trainer.global_step, trainer)
-        trainer.datamodule.refiner.plan = RefinementPlan(
-            self.last_prob, self.mode, math.log(self.divergence_prob), self.min_student_logprob
-        )
-        pl_module.log("refine/prob", self.last_prob, batch_size=1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "last_prob": self.last_prob}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_step, self.last_prob = state_dict["last_step"], state_dict["last_prob"]
+        plan = self.plan_at(trainer.global_step, trainer)
+        trainer.datamodule.plan_refinement(plan)
+        pl_module.log("refine/prob", plan.prob, batch_size=1)

@@ -25,19 +25,18 @@ class RolloutSamples(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if (step - 1) % self.every_n_steps or "rollout_text" not in batch:
+        step, produced = trainer.global_step, getattr(batch, "produced", None)
+        if (step - 1) % self.every_n_steps or produced is None:
             return
-        repeats = len(batch["rollout_text"]) // len(batch["problem"])
         blocks = []
-        for i in range(min(self.num_samples, len(batch["rollout_text"]))):
-            j = i // repeats
+        for i in range(min(self.num_samples, len(produced.rollout_text))):
+            j = i // produced.num_generations
             block = (
-                f"**problem** (answer: {batch['answer'][j]})\n<pre>{html.escape(batch['problem'][j])}</pre>\n\n"
-                f"**rollout y_o**\n<pre>{html.escape(batch['rollout_text'][i])}</pre>"
+                f"**problem** (answer: {batch.answer[j]})\n<pre>{html.escape(batch.problem[j])}</pre>\n\n"
+                f"**rollout y_o**\n<pre>{html.escape(produced.rollout_text[i])}</pre>"
             )
-            if batch["refined_text"][i] is not None:
-                block += f"\n\n**refined y_r** (trained on)\n<pre>{html.escape(batch['refined_text'][i])}</pre>"
+            if produced.refined_text[i] is not None:
+                block += f"\n\n**refined y_r** (trained on)\n<pre>{html.escape(produced.refined_text[i])}</pre>"
             blocks.append(block)
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
