@@ -99,6 +99,19 @@ def test_watch_stops_early_and_output_is_capped(isolation):
     assert run.output_exceeded and len(run.stdout) <= LIMITS.output_bytes
 
 
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_a_program_may_start_threads(isolation):
+    # Competitive programmers run main() in a thread with a big stack for deep recursion: the process limit, which
+    # counts threads, must leave room for that (here with 4 other runs at once).
+    source = (
+        "import sys, threading\nsys.setrecursionlimit(100000)\nthreading.stack_size(1 << 26)\n"
+        "def depth(n):\n    return 0 if n == 0 else 1 + depth(n - 1)\n"
+        "def main():\n    print(depth(int(input())))\nt = threading.Thread(target=main)\nt.start()\nt.join()\n"
+    )
+    verifier = CodeVerifier(max_workers=4, limits=LIMITS, isolation=isolation)
+    assert verifier([source] * 4, [stdio_tests([("20000\n", "20000\n")])] * 4) == [True] * 4
+
+
 def test_limits_and_isolation_are_validated(monkeypatch):
     with pytest.raises(ValueError, match="Limits.seconds"):
         Limits(seconds=0)
@@ -169,6 +182,7 @@ ATTACKS = {
         {"runtime_error"},
         "the program may signal any process of the trainer's user (it would kill the test)",
     ),
+    "leaves a child behind": ("import os, time\nif os.fork() == 0:\n    time.sleep(30)\n", {"wrong_answer"}, None),
     "leaves a daemon behind": (
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\nelse:\n    while True:\n"
         "        pass\n",
@@ -202,6 +216,14 @@ def targets(tmp_path):
         dirs[1].rmdir()
 
 
+@pytest.fixture
+def listener():
+    """A loopback port the trainer listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.5)
+        yield server
+
+
 def _secret_in_my_initial_environment() -> tuple[str, str] | None:
     # /proc/self/environ holds the environment this process started with, which a same-user program could read.
     sandbox_names = {"PATH", "HOME", "TMPDIR", "LANG", "PWD", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"}
@@ -214,7 +236,7 @@ def _secret_in_my_initial_environment() -> tuple[str, str] | None:
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_adversarial_program_fails_within_its_limit(name, isolation, targets, monkeypatch):
+def test_adversarial_program_fails_within_its_limit(name, isolation, targets, listener, monkeypatch):
     source, statuses, not_guaranteed = ATTACKS[name]
     if isolation == "process" and not_guaranteed:
         pytest.skip(f"not guaranteed without bubblewrap: {not_guaranteed}")
@@ -227,8 +249,6 @@ def test_adversarial_program_fails_within_its_limit(name, isolation, targets, mo
         if found is None:
             pytest.skip("this process started with no variable to look for")
         secret, expected = found
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.5)
     replacements = {
         "WATCHED": repr([str(d) for d in targets["watched"]]),
         "PLANTED": repr([str(f) for f in targets["planted"]]),
@@ -247,7 +267,6 @@ def test_adversarial_program_fails_within_its_limit(name, isolation, targets, mo
     assert elapsed < LIMITS.seconds + LIMITS.startup_seconds + 5.0
     with pytest.raises(TimeoutError):  # no connection reached the trainer's loopback
         listener.accept()
-    listener.close()
     for d in targets["watched"]:
         assert not (d / "trd-pwned").exists(), d
     for f in targets["planted"]:

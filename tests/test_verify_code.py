@@ -107,7 +107,10 @@ def test_stdio_harness(verifier):
         (_block("a, b = map(int, input().split())\nprint(f'{(a + b) / 2:.7f}')\n"), AVERAGE, "passed"),
         (_block("a, b = map(int, input().split())\nprint((a + b) // 2)\n"), AVERAGE, "wrong_answer"),  # 1 != 1.5
         (
-            _block("import sys\ndef main():\n    print(int(sys.stdin.read()) ** 2)\nif __name__ == '__main__':\n    main()\n"),
+            _block(
+                "import sys\ndef main():\n    print(int(sys.stdin.read()) ** 2)\n\nif __name__ == '__main__':\n"
+                "    main()\n"
+            ),
             SQUARE,
             "passed",
         ),
@@ -148,7 +151,11 @@ def test_call_harness(verifier):
         (_block("def mean(xs):\n    raise RuntimeError('no')\n"), MEAN, "runtime_error"),
         (_block("def average(xs):\n    return 0\n"), MEAN, "runtime_error"),  # no function named mean
         (_block("import os\ndef mean(xs):\n    os._exit(0)\n"), MEAN, "runtime_error"),
-        (_block("def mean(xs):\n    if len(xs) == 3:\n        while True:\n            pass\n    return 1.5\n"), MEAN, "timeout"),
+        (
+            _block("def mean(xs):\n    if len(xs) == 3:\n        while True:\n            pass\n    return 1.5\n"),
+            MEAN,
+            "timeout",
+        ),
     ]
     verdicts = verifier.check([c[0] for c in cases], [c[1] for c in cases])
     assert [v.status for v in verdicts] == [c[2] for c in cases], verdicts
@@ -204,7 +211,12 @@ def test_pass_at_k_on_code_against_hand_counts(verifier):
         "n = int(input())\nprint(n * 2)\n",
         "print(9)\n",
     ]
-    b = ["def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a * b\n", "def add(a, b):\n    return 3\n", ""]
+    b = [
+        "def add(a, b):\n    return a + b\n",
+        "def add(a, b):\n    return a * b\n",
+        "def add(a, b):\n    return 3\n",
+        "",
+    ]
     responses = [_block(p) for p in a + b]
     correct = verifier(responses, [SQUARE] * 4 + [MBPP] * 4)
     assert correct == [True, True, False, False, True, False, False, False]

@@ -31,4 +31,5 @@ def _main():
     channel.flush()
 
 
-_main()
+if __name__ == "__main__":  # run by the sandbox as its main script; importing runs nothing
+    _main()

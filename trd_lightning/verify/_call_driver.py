@@ -71,4 +71,5 @@ def _main():
             return
 
 
-_main()
+if __name__ == "__main__":  # run by the sandbox as its main script; importing runs nothing
+    _main()

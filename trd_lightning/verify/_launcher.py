@@ -12,26 +12,9 @@ import runpy
 import sys
 
 
-def _tasks_of(uid: int) -> int:
-    # The kernel counts RLIMIT_NPROC over every task (process or thread) of the real user in its user namespace, not
-    # over this program alone: outside a namespace of its own the program gets its allowance on top of what is there.
-    count = 0
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    count += len(os.listdir(f"/proc/{entry.name}/task"))
-            except OSError:  # the process ended while we looked
-                pass
-    return count
-
-
 def _main() -> None:
     config = json.loads(sys.argv[1])
-    processes = config["processes"]
-    if config["count_uid"] is not None:
-        processes += _tasks_of(config["count_uid"])
-    cpu = config["cpu_seconds"]
+    processes, cpu = config["processes"], config["cpu_seconds"]
     limits = {
         resource.RLIMIT_AS: (config["memory_bytes"],) * 2,
         resource.RLIMIT_CPU: (cpu, cpu + 1),  # SIGXCPU at the soft limit, SIGKILL one second later
@@ -49,4 +32,5 @@ def _main() -> None:
     runpy.run_path(config["script"], run_name="__main__")
 
 
-_main()
+if __name__ == "__main__":  # as ``-c`` text; importing this file runs nothing
+    _main()

@@ -135,11 +135,9 @@ def run_python(
             "script": os.path.join(workdir, script),
             "memory_bytes": limits.memory_bytes,
             "cpu_seconds": math.ceil(seconds),
-            "processes": limits.processes,
+            "processes": limits.processes + _shared_tasks(isolation, drop),
             "file_bytes": limits.file_bytes,
             "uid": NOBODY if drop else None,
-            # Where the kernel counts this user's other tasks against the limit (see _launcher._tasks_of).
-            "count_uid": NOBODY if drop else (os.getuid() if isolation == "process" and os.getuid() != 0 else None),
         }
         command = [sys.executable, "-I", "-B", "-c", _LAUNCHER, json.dumps(config)]
         if isolation == "bwrap":
@@ -159,6 +157,27 @@ def run_python(
         _remove(workdir)
 
 
+def _shared_tasks(isolation: str, drop: bool) -> int:
+    """Tasks that already count against the program's process limit before it starts one.
+
+    The kernel counts every task (process or thread) of the real user within its user namespace. An unprivileged
+    bwrap gives the program a namespace of its own (nothing to add); root's plain process is never limited; otherwise
+    the program gets its allowance on top of what its uid already runs (the trainer's user, or nobody: all of a root
+    trainer's sandboxes at once).
+    """
+    if isolation == "bwrap" and not drop or isolation == "process" and os.getuid() == 0:
+        return 0
+    uid, count = NOBODY if drop else os.getuid(), 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry.name}/task"))
+            except OSError:  # the process ended while we looked
+                pass
+    return count
+
+
 def _environment(workdir: str) -> dict[str, str]:
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -175,44 +194,49 @@ def _environment(workdir: str) -> dict[str, str]:
 def _collect(process: subprocess.Popen, deadline: float, cap: int, watch: Callable[[bytes], bool] | None) -> Run:
     stdout, stderr, total = bytearray(), bytearray(), 0
     timed_out = exceeded = stopped = False
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        selector.register(process.stderr, selectors.EVENT_READ)
-        while selector.get_map() and not (timed_out or exceeded or stopped):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            for key, _ in selector.select(remaining):
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    selector.unregister(key.fileobj)
-                    continue
-                total += len(chunk)
-                if total > cap:
-                    exceeded = True
-                    break
-                if key.fileobj is process.stdout:
-                    stdout += chunk
-                    if watch is not None and not watch(bytes(stdout)):
-                        stopped = True
-                        break
-                else:
-                    stderr += chunk[: max(0, _STDERR_KEPT - len(stderr))]
-    if not (timed_out or exceeded or stopped):  # both pipes closed: wait for the exit, still within the deadline
-        try:
-            process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    killed = timed_out or exceeded or stopped
-    # Always: children the program left behind share its process group (under bwrap, killing bwrap ends them all).
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
-    process.stdout.close()
-    process.stderr.close()
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            selector.register(process.stderr, selectors.EVENT_READ)
+            while selector.get_map() and not (timed_out or exceeded or stopped):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                events = selector.select(min(remaining, 0.1))
+                if not events and process.poll() is not None:
+                    break  # it exited, and what it wrote is read: a child it left holds the pipes open
+                for key, _ in events:
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                        continue
+                    total += len(chunk)
+                    if total > cap:
+                        exceeded = True
+                        break
+                    if key.fileobj is process.stdout:
+                        stdout += chunk
+                        if watch is not None and not watch(bytes(stdout)):
+                            stopped = True
+                            break
+                    else:
+                        stderr += chunk[: max(0, _STDERR_KEPT - len(stderr))]
+        if not (timed_out or exceeded or stopped):  # both pipes closed: wait for the exit, still within the deadline
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+    finally:  # also on an error or Ctrl-C: nothing outlives the run
+        # Children the program left behind share its process group (under bwrap, killing bwrap ends them all).
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    killed = timed_out or exceeded or stopped
     return Run(
         None if killed else process.returncode,
         bytes(stdout),
