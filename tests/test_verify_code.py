@@ -106,6 +106,7 @@ def test_stdio_harness(verifier):
         (_block("a, b = map(int, input().split())\nprint((a + b) / 2)\n"), AVERAGE, "passed"),  # 1.5 and 2.0
         (_block("a, b = map(int, input().split())\nprint(f'{(a + b) / 2:.7f}')\n"), AVERAGE, "passed"),
         (_block("a, b = map(int, input().split())\nprint((a + b) // 2)\n"), AVERAGE, "wrong_answer"),  # 1 != 1.5
+        (_block("print('π ≈', 3.14159)\n"), stdio_tests([("", "π ≈ 3.14159\n")]), "passed"),  # UTF-8 both ways
         (
             _block(
                 "import sys\ndef main():\n    print(int(sys.stdin.read()) ** 2)\n\nif __name__ == '__main__':\n"

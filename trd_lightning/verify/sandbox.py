@@ -54,7 +54,7 @@ class Limits:
         seconds: Wall-clock limit per test case; a process running several cases gets this much per case.
         startup_seconds: Extra wall-clock time per process for the interpreter's start and the program's imports.
         memory_bytes: Address-space limit (``RLIMIT_AS``).
-        processes: Tasks (processes and threads) the program may add (``RLIMIT_NPROC``).
+        processes: Tasks (processes and threads) the program may run at once, itself included (``RLIMIT_NPROC``).
         file_bytes: Largest file the program may write (``RLIMIT_FSIZE``).
         output_bytes: Bytes of stdout and stderr read before the program is killed and fails.
     """
@@ -127,7 +127,7 @@ def run_python(
     workdir = os.path.realpath(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
     try:
         for name, text in {**files, "stdin.txt": stdin or ""}.items():
-            Path(workdir, name).write_text(text)
+            Path(workdir, name).write_text(text, encoding="utf-8")
         if drop:  # the program runs as nobody and needs its directory
             for path in (workdir, *(os.path.join(workdir, name) for name in os.listdir(workdir))):
                 os.chown(path, NOBODY, NOBODY)
