@@ -1,6 +1,6 @@
 """Answer checking through math-verify: ``\\boxed{}`` answers and plain final answers.
 
-Only math answers are checked; judging code (running a generated program against tests) is out of scope.
+Only math answers are checked here; generated programs are checked by :mod:`trd_lightning.verify.code`.
 
 Extraction is math-verify's: the answer comes from the strongest anchor present ("final answer is", then
 ``\\boxed{}``, then "answer", then any ``$...$`` LaTeX or plain number), and among matches of one kind the last one
@@ -145,3 +145,26 @@ def is_correct(response: str, gold: str, seconds: int = 5) -> bool:
     if threading.current_thread() is threading.main_thread():
         return _is_correct(response, gold, seconds)
     return _off_main_thread("is_correct", (response, gold, seconds), seconds, False)
+
+
+class MathVerifier:
+    """Checks final answers against gold answers, a batch at a time: the math side of the verifier interface.
+
+    ``verifier(responses, references)`` gives ``[is_correct(r, g, seconds) ...]``, the same call form as
+    :class:`trd_lightning.verify.CodeVerifier`. The checks run one after another on the calling thread: off the main
+    thread they share one helper process anyway.
+
+    Args:
+        seconds: Time limit of each check (see :func:`is_correct`).
+    """
+
+    def __init__(self, seconds: int = 5) -> None:
+        if seconds < 1:
+            raise ValueError(f"seconds must be at least 1, got {seconds}")
+        self.seconds = seconds
+
+    def __call__(self, responses, references) -> list[bool]:
+        """Whether each response's final answer equals the gold answer at the same position."""
+        if len(responses) != len(references):
+            raise ValueError(f"got {len(responses)} responses but {len(references)} references")
+        return [is_correct(r, g, self.seconds) for r, g in zip(responses, references)]

@@ -1,0 +1,36 @@
+"""The first code a checked program's fresh interpreter runs: set the limits, give up root, run the script.
+
+The sandbox passes this file's text as ``python -I -B -c <text> <config JSON>``, so nothing of the trainer's process
+is forked or inherited: the limits are set from inside the new interpreter, before the program's first line. Only the
+standard library may be used here.
+"""
+
+import json
+import os
+import resource
+import runpy
+import sys
+
+
+def _main() -> None:
+    config = json.loads(sys.argv[1])
+    processes, cpu = config["processes"], config["cpu_seconds"]
+    limits = {
+        resource.RLIMIT_AS: (config["memory_bytes"],) * 2,
+        resource.RLIMIT_CPU: (cpu, cpu + 1),  # SIGXCPU at the soft limit, SIGKILL one second later
+        resource.RLIMIT_NPROC: (processes,) * 2,
+        resource.RLIMIT_FSIZE: (config["file_bytes"],) * 2,
+        resource.RLIMIT_CORE: (0, 0),
+    }
+    for kind, value in limits.items():
+        resource.setrlimit(kind, value)
+    if config["uid"] is not None:  # root inside the sandbox: become an unprivileged user, which also drops every cap
+        os.setgroups([])
+        os.setgid(config["uid"])
+        os.setuid(config["uid"])
+    sys.argv = [config["script"]]
+    runpy.run_path(config["script"], run_name="__main__")
+
+
+if __name__ == "__main__":  # as ``-c`` text; importing this file runs nothing
+    _main()
