@@ -26,6 +26,8 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from trd_lightning.verify.reference import assert_tests, call_tests, stdio_tests
 
 _STDIO_FORMAT = (
@@ -181,3 +183,19 @@ def code_row(example: Mapping[str, Any], row_format: str) -> dict[str, str | Non
             f"(it has {sorted(example)})"
         )
     return ROW_FORMATS[row_format](example)
+
+
+def code_dataset(dataset, code_format: str, source: str):
+    """A code dataset (``datasets.Dataset``) as rows of problem, reference program and tests, through ``datasets.map``;
+    rows without tests are dropped and counted. ``source`` names the dataset in messages."""
+    missing = [c for c in COLUMNS[code_format] if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"Dataset {source!r} lacks the columns {missing} of code_format: {code_format} (it has "
+            f"{dataset.column_names}): pick the format of the dataset's hub card, or map its columns."
+        )
+    rows = dataset.map(lambda row: code_row(row, code_format), remove_columns=dataset.column_names)
+    kept = rows.filter(lambda row: row["answer"] is not None)
+    if len(kept) < len(rows):
+        rank_zero_info(f"[trd] {source!r}: dropped {len(rows) - len(kept)} of {len(rows)} rows without tests")
+    return kept

@@ -12,8 +12,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from trd_lightning import prompts as templates
+from trd_lightning.data.code_rows import code_dataset
 from trd_lightning.data.demo.world import resolve
-from trd_lightning.data.options import PromptOptions, RefineOptions, RolloutOptions, ValidationOptions
+from trd_lightning.data.options import (
+    CodeFormat,
+    CodeOptions,
+    PromptOptions,
+    RefineOptions,
+    RolloutOptions,
+    Task,
+    ValidationOptions,
+)
 from trd_lightning.data.rows import final_answer, tokenize_rows
 from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
@@ -34,7 +43,7 @@ from trd_lightning.rollout.rewrite import ModelRewriter, RefinePrompt, Rewriter,
 from trd_lightning.rollout.seeds import row_seeds, uniforms
 from trd_lightning.rollout.selection import RefinementPlan, select_for_refinement
 from trd_lightning.rollout.sources import RolloutSource, StudentRollouts, WrittenRollouts, rollout_stats
-from trd_lightning.verify import is_correct
+from trd_lightning.verify import Verifier, make_verifier
 
 
 class OnPolicyDataModule(L.LightningDataModule):
@@ -58,7 +67,11 @@ class OnPolicyDataModule(L.LightningDataModule):
             YAML that starts with ``#`` is a comment); its last match is used. None keeps answers as they are.
         teacher_context: ``prompt`` (OPD: the teacher sees what the student sees) or ``privileged`` (OPSD: the
             teacher also sees the reference solution).
-        task: ``math`` (answers checked by math-verify; the math refine prompts) or ``none`` (no checking).
+        task: how answers are checked, and which default refine prompt TRD uses: ``math`` (math-verify), ``code``
+            (the answer column holds tests; programs run sandboxed, see ``code``) or ``none`` (nothing checked).
+        code_format: a code dataset's row format: ``taco``, ``humaneval``, ``mbpp`` or ``livecodebench`` (its hub
+            columns become the problem, the reference program and the tests; the column options are then not used).
+        code: how programs are checked (``task: code``).
         batch_size: prompts per optimizer step on each device.
         prompt: prompt templates, chat-template arguments and length limits.
         rollout: how rollouts are sampled and how every generation runs.
@@ -80,7 +93,9 @@ class OnPolicyDataModule(L.LightningDataModule):
         answer_column: str | None = "answer",
         answer_pattern: str | None = None,
         teacher_context: Literal["prompt", "privileged"] = "prompt",
-        task: Literal["math", "none"] = "math",
+        task: Task = "math",
+        code_format: CodeFormat | None = None,
+        code: CodeOptions = CodeOptions(),
         batch_size: int = 8,
         prompt: PromptOptions = PromptOptions(),
         rollout: RolloutOptions = RolloutOptions(),
@@ -104,12 +119,18 @@ class OnPolicyDataModule(L.LightningDataModule):
             raise ValueError(
                 "data.refine.offline_round holds one rollout per prompt: set data.rollout.num_generations: 1."
             )
-        self.refine_template = refine.template or templates.REFINE_TEMPLATES[(teacher_context, "math")]
+        kind = "code" if task == "code" else "math"
+        self.refine_template = refine.template or templates.REFINE_TEMPLATES[(teacher_context, kind)]
         if refine.enabled:
             slots = {"problem", "initial"} | ({"solution"} if teacher_context == "privileged" else set())
             templates.check_template(self.refine_template, slots, "refine")
         # The groups as typed objects: under LightningCLI ``hparams`` holds them as the config's plain dicts.
-        self.prompt, self.rollout, self.refine, self.validation = prompt, rollout, refine, validation
+        self.prompt, self.rollout, self.refine, self.validation, self.code = prompt, rollout, refine, validation, code
+        options = code.verifier_options() if task == "code" else {}
+        self.verifier: Verifier | None = make_verifier(task, **options)
+        val_task = validation.task or task
+        val_options = code.verifier_options() if val_task == "code" else {}
+        self.val_verifier: Verifier | None = make_verifier(val_task, **val_options)
         self.plan = RefinementPlan()
         self.tokenizer = None
         self.train_rows: list[dict] | None = None
@@ -168,6 +189,10 @@ class OnPolicyDataModule(L.LightningDataModule):
         if val:
             columns.update(problem=self.validation.problem_column or hp.problem_column, solution=None)
             columns["answer"] = self.validation.answer_column or hp.answer_column
+        code_format = (self.validation.code_format if val else None) or hp.code_format
+        if code_format and not offline:
+            dataset = code_dataset(dataset, code_format, source)
+            columns = {"problem": "problem", "solution": None if val else "solution", "answer": "answer"}
         if offline:
             columns = {"problem": "problem", "solution": "solution", "answer": "answer", "y_o": "y_o", "y_r": "y_r"}
         elif hp.teacher_context != "privileged" and not val:
@@ -206,7 +231,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             max_new_tokens=self.rollout.max_new_tokens,
             refine_tokens=refine_tokens if self.refine.enabled else None,
             validation_samples=self.validation.samples,
-            verifies=hp.task != "none" and hp.answer_column is not None,
+            verifies=self.verifier is not None and (hp.answer_column is not None or hp.code_format is not None),
             refines=self.refine.enabled,
         )
 
@@ -286,7 +311,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         seeds = row_seeds(hp.seed, 0, "validation", batch.index, k)
         out = self._engine(models.student, step).generate(rows.prompts, self.validation.sampling(self.rollout), seeds)
         texts = self.tokenizer.batch_decode(out.ids, skip_special_tokens=True)
-        correct = self.verify(texts, rows.answer)
+        correct = self.verify(texts, rows.answer, self.val_verifier)
         verdicts = None if correct is None else torch.tensor(correct, device=out.ids.device).view(-1, k)
         return ValidationRollouts(texts, verdicts, out.mask.sum(-1).float())
 
@@ -310,11 +335,15 @@ class OnPolicyDataModule(L.LightningDataModule):
         chosen = select_for_refinement(plan, draws, correct, divergent)
         return [i for i, c in enumerate(chosen) if c]
 
-    def verify(self, texts: list[str | None], answers: list[str | None]) -> list[bool] | None:
-        """Whether each response is correct; None without a verifier or when an answer is missing."""
-        if self.hparams.task == "none" or any(a is None for a in answers):
+    def verify(self, texts: list[str | None], answers: list[str | None], verifier=None) -> list[bool] | None:
+        """Whether each response is correct (one batch call: programs are checked concurrently); None without a
+        verifier or when an answer is missing. ``verifier`` defaults to the training data's."""
+        verifier = verifier or self.verifier
+        if verifier is None or any(a is None for a in answers):
             return None
-        return [t is not None and is_correct(t, a) for t, a in zip(texts, answers)]
+        present = [i for i, t in enumerate(texts) if t is not None]
+        verdicts = dict(zip(present, verifier([texts[i] for i in present], [answers[i] for i in present])))
+        return [verdicts.get(i, False) for i in range(len(texts))]
 
     # ------------------------------------------------------------ resumption
     def state_dict(self) -> dict[str, Any]:

@@ -10,6 +10,10 @@ import torch
 from trd_lightning import prompts as templates
 from trd_lightning.rollout.engines import EngineOptions
 from trd_lightning.rollout.sampling import SamplingConfig
+from trd_lightning.verify.sandbox import Limits
+
+Task = Literal["math", "code", "none"]
+CodeFormat = Literal["taco", "humaneval", "mbpp", "livecodebench"]
 
 
 @dataclass(frozen=True)
@@ -141,11 +145,35 @@ class RefineOptions:
 
 
 @dataclass(frozen=True)
+class CodeOptions:
+    """How programs are checked when the task is ``code`` (``trd_lightning.verify.CodeVerifier``).
+
+    Args:
+        workers: programs run at once (a step's rollouts and a validation's samples are checked together); None: the
+            CPUs this process may use.
+        isolation: ``auto`` (bubblewrap's namespaces where it runs, else the plain limited process, with a warning),
+            ``bwrap`` (an error where it cannot run) or ``process``.
+        limits: each program run's resources: wall-clock seconds per test case, memory, processes, file and output
+            sizes.
+    """
+
+    workers: int | None = None
+    isolation: Literal["auto", "bwrap", "process"] = "auto"
+    limits: Limits = Limits()
+
+    def verifier_options(self) -> dict[str, Any]:
+        return {"max_workers": self.workers, "isolation": self.isolation, "limits": self.limits}
+
+
+@dataclass(frozen=True)
 class ValidationOptions:
     """What validation samples, and on which data.
 
     Args:
         data: the dataset to validate on; None: ``data.train_data``.
+        task: how its answers are checked (``math``, ``code`` or ``none``); None: ``data.task``.
+        code_format: the code dataset's row format (``taco``, ``humaneval``, ``mbpp`` or ``livecodebench``: its columns
+            become the problem, the reference and the tests); None: ``data.code_format``.
         split: the split to validate on; None turns validation off.
         test_split: the split ``trd test`` evaluates with the same metrics; None: no test split.
         subset: the validation dataset's configuration name (e.g. ``main`` for GSM8K).
@@ -161,6 +189,8 @@ class ValidationOptions:
     """
 
     data: str | None = None
+    task: Task | None = None
+    code_format: CodeFormat | None = None
     split: str | None = "validation"
     test_split: str | None = None
     subset: str | None = None
@@ -185,4 +215,6 @@ class ValidationOptions:
 
 # Checkpoints hold the option groups among the DataModule's hyperparameters: allowlisted, they load back under
 # torch's weights-only unpickling (Lightning's default for ``ckpt_path``).
-torch.serialization.add_safe_globals([PromptOptions, RolloutOptions, RefineOptions, ValidationOptions])
+torch.serialization.add_safe_globals(
+    [PromptOptions, RolloutOptions, RefineOptions, ValidationOptions, CodeOptions, Limits]
+)
