@@ -53,7 +53,7 @@ def write_refinement_round(module, data, output: str | Path, device: str | None 
         target = shard_path(output, number)
         if target.exists():
             continue
-        chunk = rows[first : first + size]
+        chunk = [rows[i] for i in range(first, min(first + size, len(rows)))]
         ids, mask = (t.to(device) for t in pad_left([r["prompt_ids"] for r in chunk], data.tokenizer.pad_token_id))
         seed = data.hparams.seed * 1_000_003 + number
         out = data.sample(module.student, ids, mask, data.sampling, seed)

@@ -10,8 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trd_lightning import prompts
-from trd_lightning.data.demo.world import resolve
-from trd_lightning.data.rows import final_answer, tokenize_rows
+from trd_lightning.data.rows import RowFormat, check_answer_pattern, longest_prompt, prepare_rows
 from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.hf import load_tokenizer
@@ -50,7 +49,10 @@ class OnPolicyDataModule(L.LightningDataModule):
         student_template: the student's prompt, with a ``{problem}`` slot.
         privileged_template: the privileged teacher prompt, with ``{problem}`` and ``{solution}`` slots.
         use_chat_template: wrap prompts as a user turn when the tokenizer has a chat template.
-        chat_template_kwargs: extra arguments to ``apply_chat_template`` (e.g. ``{enable_thinking: false}``).
+        chat_template_kwargs: extra arguments to ``apply_chat_template`` of every prompt (e.g.
+            ``{enable_thinking: false}``).
+        teacher_chat_template_kwargs: arguments that override ``chat_template_kwargs`` for the teacher's prompt
+            (e.g. ``{enable_thinking: true}`` for a thinking teacher beside a non-thinking student).
         batch_size: prompts per optimizer step on each device.
         num_generations: rollouts sampled per prompt.
         max_prompt_length: the longest student prompt in tokens; longer problems are dropped (never cut).
@@ -114,6 +116,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         privileged_template: str = prompts.PRIVILEGED_TEMPLATE,
         use_chat_template: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        teacher_chat_template_kwargs: dict[str, Any] | None = None,
         batch_size: int = 8,
         num_generations: int = 1,
         max_prompt_length: int = 512,
@@ -161,6 +164,7 @@ class OnPolicyDataModule(L.LightningDataModule):
                 "is None: set data.solution_column to the dataset's reference-solution column."
             )
         prompts.check_template(student_template, {"problem"}, "student")
+        check_answer_pattern(answer_pattern)
         if offline_data and not (refine and num_generations == 1):
             raise ValueError(
                 "data.offline_data trains on a written refinement round: set data.refine: true (for the refine "
@@ -189,7 +193,7 @@ class OnPolicyDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(resolve(hp.tokenizer))
+            self.tokenizer = load_tokenizer(hp.tokenizer)
         if hp.refine and self.refiner is None:
             self.refiner = Refiner(
                 self.tokenizer,
@@ -207,9 +211,10 @@ class OnPolicyDataModule(L.LightningDataModule):
                 self.train_rows = self._prepare(hp.train_data, hp.train_split)
         if stage in ("fit", "validate") and self.val_rows is None and self.hparams.val_split is not None:
             rows = self._prepare(self.hparams.val_data or self.hparams.train_data, self.hparams.val_split, val=True)
-            self.val_rows = rows[: self.hparams.max_val_prompts]
+            limit = len(rows) if self.hparams.max_val_prompts is None else self.hparams.max_val_prompts
+            self.val_rows = rows.select(range(min(limit, len(rows))))
 
-    def _prepare(self, source: str, split: str, offline: bool = False, val: bool = False) -> list[dict]:
+    def _prepare(self, source: str, split: str, offline: bool = False, val: bool = False):
         """Load, check and tokenize one split (an offline round has fixed column names, ``y_o``/``y_r`` among them)."""
         hp = self.hparams
         dataset = load_rows(source, split, None if offline else (hp.val_subset if val else hp.subset))
@@ -218,30 +223,25 @@ class OnPolicyDataModule(L.LightningDataModule):
             columns.update(problem=hp.val_problem_column or hp.problem_column, solution=None)
             columns["answer"] = hp.val_answer_column or hp.answer_column
         if offline:
-            columns = {"problem": "problem", "solution": "solution", "answer": "answer", "y_o": "y_o", "y_r": "y_r"}
+            answer = "answer" if hp.answer_column else None  # rows need answers only where answers are used
+            columns = {"problem": "problem", "solution": "solution", "answer": answer, "y_o": "y_o", "y_r": "y_r"}
         elif hp.teacher_context != "privileged" and not val:
             columns["solution"] = None if hp.solution_column not in dataset.column_names else hp.solution_column
         check_columns(dataset, columns, source)
         # Validation prompts the student alone: no teacher prompt to build.
         privileged = hp.privileged_template if hp.teacher_context == "privileged" and not val else None
-        rows = tokenize_rows(
-            dataset,
-            columns,
-            self.tokenizer,
+        fmt = RowFormat(
             hp.student_template,
             privileged,
             hp.max_prompt_length,
             hp.max_teacher_prompt_length,
             hp.use_chat_template,
             hp.chat_template_kwargs,
-            f"{source!r} split {split!r}",
+            None if val else hp.teacher_chat_template_kwargs,
+            hp.answer_pattern,
         )
-        if hp.answer_pattern:
-            for row in rows:
-                row["answer"] = final_answer(row["answer"], hp.answer_pattern)
-        self.longest_prompt = max(
-            self.longest_prompt, *(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in rows)
-        )
+        rows = prepare_rows(dataset, columns, self.tokenizer, fmt, f"{source!r} split {split!r}")
+        self.longest_prompt = max(self.longest_prompt, longest_prompt(rows))
         return rows
 
     def train_dataloader(self) -> DataLoader:
