@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-from datasets import Dataset
+from datasets import Dataset, Features, List, Value
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -114,12 +114,28 @@ def prepare_rows(
         num_proc=num_proc,
         cache_file_name=cache_file,
         new_fingerprint=fingerprint,
+        features=_features(columns),
         desc=f"Tokenizing {name}",
     )
     reasons = np.bincount(prepared.data.column("drop").to_numpy(), minlength=5)
     _report(reasons, columns, fmt, name, fingerprint)
     kept = np.flatnonzero(prepared.data.column("drop").to_numpy() == KEPT)
     return prepared.select(kept).remove_columns("drop")
+
+
+def _features(columns: Mapping[str, str | None]) -> Features:
+    # Given, not inferred: a field named like an input column would otherwise keep that column's type (float
+    # answers read back as 27.0, not "27").
+    ids = List(Value("int32"))
+    return Features(
+        {
+            **{k: Value("string") for k in columns},
+            "index": Value("int64"),
+            "prompt_ids": ids,
+            "teacher_ids": ids,
+            "drop": Value("int8"),
+        }
+    )
 
 
 def longest_prompt(rows: Dataset) -> int:
