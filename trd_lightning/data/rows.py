@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset, Features, Sequence, Value
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -126,7 +126,7 @@ def prepare_rows(
 def _features(columns: Mapping[str, str | None]) -> Features:
     # Given, not inferred: a field named like an input column would otherwise keep that column's type (float
     # answers read back as 27.0, not "27").
-    ids = List(Value("int32"))
+    ids = Sequence(Value("int32"))  # List in datasets 4+, Sequence in 3
     return Features(
         {
             **{k: Value("string") for k in columns},
