@@ -94,11 +94,9 @@ class StepProgressBar(TQDMProgressBar):
         lines = [f"[trd] fit done: {trainer.global_step} optimizer steps in {minutes}:{seconds:02d}"]
         if self.first_val is not None:
             (first_step, first), (last_step, last) = self.first_val, self.last_val
-            for name in sorted(last):
-                before = (
-                    f"{first[name]:.4g} at step {first_step} -> " if name in first and first_step != last_step else ""
-                )
-                lines.append(f"  {name}: {before}{last[name]:.4g} at step {last_step}")
+            for name in sorted(set(first) & set(last)):
+                before = f"{first[name]:.4g} {_when(first_step)} -> " if first_step != last_step else ""
+                lines.append(f"  {name}: {before}{last[name]:.4g} {_when(last_step)}")
         for callback in trainer.callbacks:
             if isinstance(callback, ExportStudent):
                 lines.append(f"  student exported to {callback.target(trainer)}")
@@ -108,6 +106,10 @@ class StepProgressBar(TQDMProgressBar):
             elif isinstance(logger, CSVLogger):
                 lines.append(f"  metrics: {logger.experiment.metrics_file_path}")
         return "\n".join(lines)
+
+
+def _when(step: int) -> str:
+    return "before training" if step == 0 else f"after {step} steps"
 
 
 def _total_steps(trainer: L.Trainer) -> int | None:
