@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -341,3 +342,58 @@ def test_a_checkpoint_from_elsewhere_starts_a_new_version(tiny, tmp_path):
     next(root.rglob("*.ckpt")).rename(ckpt)
     resumed = cli_main([*args.copy()[:-2], "--trainer.max_steps=2", args[-1], f"--ckpt_path={ckpt}"])
     assert Path(resumed.trainer.logger.log_dir).name == "version_1"
+
+
+# ------------------------------------------------------------------ the README quick start's console
+
+# Warnings raised in files that the rollout refactor (issue 11) is rewriting, each with the fix handed over; a pattern
+# goes from here when its fix lands.
+PENDING_IN_OTHER_FILES = {
+    r"Found \d+ module\(s\) in eval mode": "module.py: the frozen teacher is in eval mode on purpose",
+    r"`past_key_values` is deprecated": "rollout/generation.py: pass the cache as `cache=` (transformers 5.24+)",
+}
+
+
+def test_quick_start_console_is_clean_and_ends_with_a_summary(tmp_path):
+    """`trd fit --config configs/demo.yaml`, cut to 3 steps: every Python warning it shows is recorded."""
+    record = tmp_path / "warnings.txt"
+    program = (
+        "import sys, warnings\n"
+        "shown = warnings.showwarning\n"
+        "def record(message, category, filename, lineno, file=None, line=None):\n"
+        f"    with open({str(record)!r}, 'a') as out:\n"
+        "        out.write(f'{category.__name__}: {message}\\n')\n"
+        "    shown(message, category, filename, lineno, file, line)\n"
+        "warnings.showwarning = record\n"
+        "from trd_lightning.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            program,
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--trainer.max_steps",
+            "3",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = (done.stdout + done.stderr).replace("\r", "\n")
+    warned = record.read_text().splitlines() if record.exists() else []
+    unexpected = [w for w in warned if not any(re.search(p, w) for p in PENDING_IN_OTHER_FILES)]
+    assert unexpected == []
+    rest = [line for line in console.splitlines() if not any(re.search(p, line) for p in PENDING_IN_OTHER_FILES)]
+    assert [line for line in rest if re.search("(?i)warn", line)] == []
+    assert re.search(r"Step: 100%\|[^|]*\| 3/3 \[.*loss=[\d.e-]+, rollout=\d+%, val/accuracy=[\d.]+\]", console)
+    run = tmp_path / "runs" / "demo_opd" / "version_0"
+    assert "[trd] fit done: 3 optimizer steps in " in console
+    assert re.search(r"  val/accuracy: [\d.]+ before training\n", console)
+    assert f"  student exported to {run / 'student'}\n" in console
+    assert f"  curves: tensorboard --logdir {run}\n" in console
