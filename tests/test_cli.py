@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trd_lightning import DistillationModule, OnPolicyDataModule, RefinementScheduler
-from trd_lightning.cli import cli_main
+from trd_lightning.cli import EXTRA_SUBCOMMANDS, SUBCOMMANDS, cli_main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
@@ -94,8 +95,12 @@ def test_print_config_and_help_run_as_a_program():
     helped = subprocess.run(
         [sys.executable, "-m", "trd_lightning", "fit", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    # Constructor docstrings are the documentation of each option.
-    assert "micro-batch" in helped.lower() or "micro_batch_size" in helped
+    # Constructor docstrings are the documentation of each option: the docstring's line follows the option's flag.
+    flat = " ".join(helped.split())
+    assert (
+        "--model.micro_batch_size MICRO_BATCH_SIZE sequences per forward/backward; a memory knob only, it must divide "
+        "the step's rollouts. (type: int, default: 8)"
+    ) in flat
 
 
 def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
@@ -260,3 +265,152 @@ def test_benchmark_configs_map_their_columns(name, tiny, tmp_path):
     assert [r["problem"] for r in data.val_rows] == [r[problem_column] for r in rows]
     k = data.validation.samples
     assert {f"val/avg@{k}", f"val/pass@{k}"} <= set(cli.trainer.callback_metrics)
+
+
+# ------------------------------------------------------------------ what the command offers
+
+
+def help_text(capsys, *args: str) -> str:
+    """What ``trd ARGS --help`` prints, whitespace-normalised (the help wraps its lines)."""
+    with pytest.raises(SystemExit) as done:
+        cli_main([*args, "--help"])
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_lists_each_subcommand_with_its_help(capsys):
+    listed = help_text(capsys).split("Available subcommands:")[1]
+    for name, text in {**SUBCOMMANDS, **{k: v[1] for k, v in EXTRA_SUBCOMMANDS.items()}}.items():
+        assert f"{name} {text}" in listed
+    assert {"fit", "validate", "test", "refine"} <= set(SUBCOMMANDS) | set(EXTRA_SUBCOMMANDS)
+    assert "predict" not in listed
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["predict", "--config", str(CONFIGS[0])])
+    assert refused.value.code != 0 and "invalid choice: 'predict'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fit", "validate", "test", "refine"])
+def test_each_subcommand_has_its_own_help(name, capsys):
+    helped = help_text(capsys, name)
+    description = SUBCOMMANDS[name] if name in SUBCOMMANDS else EXTRA_SUBCOMMANDS[name][1]
+    assert description in helped
+    assert ("--output OUTPUT" in helped) if name == "refine" else ("--model.student STUDENT" in helped)
+
+
+def record_call(argv):
+    record_call.seen.append(argv)
+    return "ran"
+
+
+record_call.seen = []
+
+
+def test_an_extra_subcommand_is_one_entry_of_the_table(monkeypatch, capsys):
+    """What adding `serve` takes: one line naming its function, which gets the arguments after the name."""
+    monkeypatch.setitem(EXTRA_SUBCOMMANDS, "probe", (f"{__name__}:record_call", "A subcommand added for this test."))
+    assert cli_main(["probe", "--port", "8000"]) == "ran"
+    assert record_call.seen[-1] == ["--port", "8000"]
+    assert "probe A subcommand added for this test." in help_text(capsys)
+
+
+# ------------------------------------------------------------------ one run, one folder
+
+
+def test_resuming_from_a_run_continues_its_folder_and_curves(tiny, tmp_path):
+    root = tmp_path / "runs"
+    checkpoints = tmp_path / "checkpoints.yaml"
+    checkpoints.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {every_n_train_steps: 2, save_top_k: -1}\n"
+    )
+    args = [
+        "fit",
+        *demo_on_tiny(tiny),
+        "--config",
+        str(checkpoints),
+        "--data.validation.split=null",
+        "--data.rollout.max_new_tokens=8",
+        "--trainer.max_steps=4",
+        f"--trainer.logger.init_args.save_dir={root}",
+    ]
+    cli_main(args)
+    run = root / "demo_opd" / "version_0"
+    first = EventAccumulator(str(run))
+    first.Reload()
+    losses = {e.step: e.value for e in first.Scalars("train/loss")}
+    assert sorted(losses) == [0, 1, 2, 3]  # four steps, logged at steps 0..3
+    # Resume from the step-2 checkpoint, as after a crash: the run's steps 2 and 3 are logged again.
+    resumed = cli_main([*args, f"--ckpt_path={run / 'checkpoints' / 'epoch=0-step=2.ckpt'}"])
+    assert resumed.trainer.logger.log_dir == str(run)
+    assert sorted(p.name for p in (root / "demo_opd").iterdir()) == ["version_0"]
+    assert len(list(run.glob("events.out.tfevents*"))) == 2
+    assert resumed.trainer.progress_bar_callback.train_progress_bar.initial == 2  # the bar starts at the checkpoint
+    curves = EventAccumulator(str(run))
+    curves.Reload()
+    steps = [e.step for e in curves.Scalars("train/loss")]
+    assert steps == [0, 1, 2, 3]  # one curve: the first run's steps 2 and 3 are replaced, not doubled
+    # Resuming is exact, so the replaced points equal the first run's.
+    assert [e.value for e in curves.Scalars("train/loss")] == pytest.approx([losses[s] for s in steps], rel=1e-5)
+
+
+def test_a_checkpoint_from_elsewhere_starts_a_new_version(tiny, tmp_path):
+    root = tmp_path / "runs"
+    args = [
+        "fit",
+        *demo_on_tiny(tiny),
+        "--data.validation.split=null",
+        "--data.rollout.max_new_tokens=8",
+        "--trainer.max_steps=1",
+        f"--trainer.logger.init_args.save_dir={root}",
+    ]
+    cli_main(args)
+    ckpt = tmp_path / "elsewhere.ckpt"
+    next(root.rglob("*.ckpt")).rename(ckpt)
+    resumed = cli_main([*args.copy()[:-2], "--trainer.max_steps=2", args[-1], f"--ckpt_path={ckpt}"])
+    assert Path(resumed.trainer.logger.log_dir).name == "version_1"
+
+
+# ------------------------------------------------------------------ the README quick start's console
+
+
+def test_quick_start_console_is_clean_and_ends_with_a_summary(tmp_path):
+    """`trd fit --config configs/demo.yaml`, cut to 3 steps: every Python warning it shows is recorded."""
+    record = tmp_path / "warnings.txt"
+    program = (
+        "import sys, warnings\n"
+        "shown = warnings.showwarning\n"
+        "def record(message, category, filename, lineno, file=None, line=None):\n"
+        f"    with open({str(record)!r}, 'a') as out:\n"
+        "        out.write(f'{category.__name__}: {message}\\n')\n"
+        "    shown(message, category, filename, lineno, file, line)\n"
+        "warnings.showwarning = record\n"
+        "from trd_lightning.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            program,
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--trainer.max_steps",
+            "3",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = (done.stdout + done.stderr).replace("\r", "\n")
+    warned = record.read_text().splitlines() if record.exists() else []
+    assert warned == []
+    assert [line for line in console.splitlines() if re.search("(?i)warn", line)] == []
+    assert re.search(r"Step: 100%\|[^|]*\| 3/3 \[.*loss=[\d.e-]+, rollout=\d+%, val/accuracy=[\d.]+\]", console)
+    run = tmp_path / "runs" / "demo_opd" / "version_0"
+    assert "[trd] fit done: 3 optimizer steps in " in console
+    assert re.search(r"  val/accuracy: [\d.]+ before training\n", console)
+    assert f"  student exported to {run / 'student'}\n" in console
+    assert f"  curves: tensorboard --logdir {run}\n" in console

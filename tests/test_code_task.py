@@ -77,7 +77,7 @@ def test_the_taco_config_trains_on_taco_columns(tiny, tmp_path):
     data = cli.datamodule
     # The rows without tests are dropped; y* is TACO's first solution; the refine prompt is the code one.
     assert len(data.train_rows) == 4
-    assert [r["solution"] for r in data.train_rows[:2]] == [
+    assert [data.train_rows[i]["solution"] for i in range(2)] == [
         json.loads(r["solutions"])[0] for r in (TACO_STDIO, TACO_CALL)
     ]
     assert "programming problem" in data.refine_template and data.refine.enabled

@@ -6,6 +6,7 @@ from trd_lightning.callbacks import (
     PrefixFailureMonitor,
     RefinementScheduler,
     RolloutSamples,
+    StepProgressBar,
     ValidateAtStart,
 )
 from trd_lightning.data.datamodule import OnPolicyDataModule
@@ -25,6 +26,7 @@ __all__ = [
     "PrefixFailureMonitor",
     "RefinementScheduler",
     "RolloutSamples",
+    "StepProgressBar",
     "ValidateAtStart",
     "__version__",
 ]

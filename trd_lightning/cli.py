@@ -3,36 +3,143 @@
 trd fit --config configs/demo.yaml
 trd validate --config configs/demo.yaml --ckpt_path runs/.../last.ckpt
 trd fit --config configs/demo.yaml --print_config
-trd refine --config configs/demo_trd.yaml --output runs/refined
+trd refine --config configs/demo.yaml --config configs/trd.yaml --output runs/refined
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import importlib
+import logging
 import sys
+import warnings
+from pathlib import Path
 
+import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from trd_lightning.callbacks.progress import StepProgressBar
 from trd_lightning.data.datamodule import OnPolicyDataModule
+from trd_lightning.media import log_text
 from trd_lightning.module import DistillationModule
 from trd_lightning.offline import write_refinement_round
 
+DESCRIPTION = (
+    "On-policy distillation of Hugging Face causal LMs (OPD, OPSD) and Trajectory-Refined Distillation. "
+    "Every option of a subcommand is in `trd SUBCOMMAND --help`; a config sets them in YAML (--config)."
+)
+
+# LightningCLI's subcommands that ``trd`` offers, with their help (``predict`` has nothing to predict here).
+SUBCOMMANDS = {
+    "fit": "Train the student: rollouts, the teacher's scores, one optimizer step per batch of prompts.",
+    "validate": "Sample answers to the validation split and log val/accuracy, val/avg@k and val/pass@k.",
+    "test": "The validation metrics on the test split.",
+}
+
+# Subcommands that are not LightningCLI's: name -> ("module:function" called with the arguments after the name,
+# help). Adding one is one line here.
+EXTRA_SUBCOMMANDS = {
+    "refine": ("trd_lightning.cli:refine", "Write one offline TRD refinement round (parquet shards) from a config."),
+}
+
+# Lightning 2.6.6 builds torch's LeafSpec, which torch 2.13 deprecates, each time a loop wraps its DataLoader:
+# nothing a user of this command can act on.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    category=FutureWarning,
+    module="lightning.pytorch.utilities._pytree",
+)
+
+
+class _DropTip(logging.Filter):
+    """Lightning's advertisement for its hosted logger says nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_DropTip())
+
 
 class SaveConfigToLogger(SaveConfigCallback):
-    """Save the resolved config beside the run (``config.yaml``) and show it in TensorBoard's text tab."""
+    """Save the resolved config beside the run (``config.yaml``) and send it to the loggers as text."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
-        for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_text"):
-                logger.experiment.add_text("config", f"<pre>{text}</pre>", global_step=0)
+        log_text(trainer, "config", f"<pre>{html.escape(text)}</pre>", 0)
 
 
 class TRDCLI(LightningCLI):
-    """LightningCLI with the tokenizer tied to the student."""
+    """LightningCLI with the tokenizer tied to the student, a step-counting progress bar by default, and a resumed
+    run logging into the folder of the run it resumes."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        # LightningCLI's own loop, with our help lines, and the extra subcommands listed beside them.
+        self._subcommand_parsers = {}
+        subcommands = parser.add_subcommands()
+        for name, help in SUBCOMMANDS.items():
+            sub = self._prepare_subcommand_parser(
+                self.trainer_class, name, **{"description": help, **kwargs.get(name, {})}
+            )
+            self._subcommand_parsers[name] = sub
+            subcommands.add_subcommand(name, sub, help=help)
+        for name, (_, help) in EXTRA_SUBCOMMANDS.items():
+            # Listed for --help only: cli_main runs these before LightningCLI parses anything.
+            subcommands.add_subcommand(name, ArgumentParser(description=help), help=help)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.student", "data.tokenizer", apply_on="parse")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("ckpt_path"):
+            continue_run(config.trainer, config.ckpt_path)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        wants_bar = trainer.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks) and "callbacks" not in kwargs:
+            kwargs["callbacks"] = [*callbacks, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+
+def continue_run(trainer_config, ckpt_path: str) -> None:
+    """Point a TensorBoard logger at the version folder that holds ``ckpt_path`` (``<save_dir>/<name>/<version>/
+    checkpoints/x.ckpt``), so that a resumed run's curves continue that run's.
+
+    The resumed run writes a new event file beside the old ones, whose start (``purge_step``: the checkpoint's step,
+    the first step the resumed run logs) tells TensorBoard to drop the old events from that step on. Nothing
+    changes when the checkpoint lies elsewhere, when the logger names its own version, or for other loggers
+    (CSVLogger would delete the run's metrics.csv).
+    """
+    ckpt = Path(ckpt_path).expanduser().resolve()
+    if ckpt.parent.name != "checkpoints":
+        return
+    run = ckpt.parent.parent
+    loggers = trainer_config.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not hasattr(logger, "class_path") or not logger.class_path.endswith("TensorBoardLogger"):
+            continue
+        args = logger.init_args
+        folder = Path(args.save_dir).expanduser().resolve() / (args.get("name") or "")
+        if args.get("version") is None and run.parent == folder:
+            args.version = run.name
+            if ckpt.is_file():
+                # Only the step is read: the weights stay on disk (memory-mapped load).
+                args.purge_step = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+            # The checkpoint folder is this run's own, full on purpose.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def main() -> None:
@@ -43,17 +150,19 @@ def main() -> None:
 def cli_main(args=None, run: bool = True):
     """Run the CLI on ``args`` (the command line when None) and return it; ``run=False`` only instantiates.
 
-    ``trd refine`` writes an offline refinement round (see ``trd_lightning.offline``); every other subcommand
-    is LightningCLI's.
+    The extra subcommands (``trd refine``: see ``trd_lightning.offline``) run their own function; every other
+    subcommand is LightningCLI's.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] == ["refine"]:
-        return refine(argv[1:])
+    if argv[:1] and argv[0] in EXTRA_SUBCOMMANDS:
+        module, function = EXTRA_SUBCOMMANDS[argv[0]][0].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     return TRDCLI(
         DistillationModule,
         OnPolicyDataModule,
         save_config_callback=SaveConfigToLogger,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
         args=args,
         run=run,
     )
@@ -61,7 +170,10 @@ def cli_main(args=None, run: bool = True):
 
 def refine(argv: list[str]):
     """``trd refine --config ... --output DIR [--device cuda]``: the other arguments are the usual config options."""
-    parser = argparse.ArgumentParser(prog="trd refine", description="Write one offline TRD refinement round.")
+    parser = argparse.ArgumentParser(
+        prog="trd refine",
+        description=EXTRA_SUBCOMMANDS["refine"][1] + " The other arguments are those of `trd fit` (--config ...).",
+    )
     parser.add_argument("--output", required=True, help="folder of the refined dataset (parquet shards)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     known, rest = parser.parse_known_args(argv)

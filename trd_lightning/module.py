@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from trd_lightning.checks import check_against_data, check_optimizer, check_vocabularies
-from trd_lightning.data.demo.world import resolve
 from trd_lightning.diagnostics import STAT_COLUMNS
 from trd_lightning.evaluation import EvalMetrics
 from trd_lightning.hf import load_causal_lm, load_config, output_head
@@ -27,6 +28,11 @@ from trd_lightning.teacher import (
     refiner,
     scorer,
 )
+
+# The frozen teacher is in eval mode on purpose: its scores take no dropout.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
+# One rollout round is one optimizer step: a checkpoint after the step is exactly what a resume continues from.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 class DistillationModule(L.LightningModule):
@@ -157,9 +163,9 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the inputs against each other before any weights are loaded."""
         hp = self.hparams
-        student_cfg = load_config(resolve(hp.student), hp.trust_remote_code)
+        student_cfg = load_config(hp.student, hp.trust_remote_code)
         if hp.teacher_kind == "frozen":
-            teacher_cfg = load_config(resolve(hp.teacher), hp.trust_remote_code)
+            teacher_cfg = load_config(hp.teacher, hp.trust_remote_code)
             check_vocabularies(hp.student, student_cfg.vocab_size, hp.teacher, teacher_cfg.vocab_size)
         data = getattr(self.trainer, "datamodule", None)
         if data is not None and hasattr(data, "spec"):
@@ -174,7 +180,7 @@ class DistillationModule(L.LightningModule):
         if self.student is not None:
             return
         hp = self.hparams
-        student = load_causal_lm(resolve(hp.student), hp.dtype, hp.trust_remote_code)
+        student = load_causal_lm(hp.student, hp.dtype, hp.trust_remote_code)
         if hp.gradient_checkpointing:
             # transformers 5 renamed it (the old name warns); 4.x has only the old one.
             getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
@@ -182,7 +188,7 @@ class DistillationModule(L.LightningModule):
             student = apply_lora(student, self.lora_options)
         self.student = student.train()  # from_pretrained returns eval mode
         if hp.teacher_kind == "frozen":
-            self.teacher = freeze(load_causal_lm(resolve(hp.teacher), hp.dtype, hp.trust_remote_code))
+            self.teacher = freeze(load_causal_lm(hp.teacher, hp.dtype, hp.trust_remote_code))
         elif needs_copy(hp.teacher_kind, hp.shared_weights, student):
             self.teacher = frozen_copy(student)
         if hp.loss_implementation == "closed_form":

@@ -58,7 +58,7 @@ def write_refinement_round(module, data, output: str | Path, device: str | None 
         target = shard_path(output, number)
         if target.exists():
             continue
-        batch = data.collate(rows[first : first + size]).to(device)
+        batch = data.collate([rows[i] for i in range(first, min(first + size, len(rows)))]).to(device)
         produced = data.produce(batch, module.rollout_models(), StepInfo(step=0))
         expanded = batch.repeat(produced.num_generations)
         correct_o = data.verify(produced.rollout_text, expanded.answer)

@@ -1,8 +1,10 @@
-"""Callbacks: refinement scheduler, diagnostics, rollout samples, validation before the first step, export."""
+"""Callbacks: refinement scheduler, diagnostics, rollout samples, validation before the first step, export, and the
+optimizer-step progress bar."""
 
 from trd_lightning.callbacks.export import ExportStudent
 from trd_lightning.callbacks.fragmentation import GradientFragmentationMonitor
 from trd_lightning.callbacks.prefix import PrefixFailureMonitor
+from trd_lightning.callbacks.progress import StepProgressBar
 from trd_lightning.callbacks.refinement import RefinementScheduler
 from trd_lightning.callbacks.samples import RolloutSamples
 from trd_lightning.callbacks.validate_start import ValidateAtStart
@@ -13,5 +15,6 @@ __all__ = [
     "PrefixFailureMonitor",
     "RefinementScheduler",
     "RolloutSamples",
+    "StepProgressBar",
     "ValidateAtStart",
 ]

@@ -14,6 +14,7 @@ import torch
 from trd_lightning.callbacks.periodic import PeriodicBatchCallback, suffix
 from trd_lightning.callbacks.protocol import TokenStatistics
 from trd_lightning.diagnostics import first_divergence, prefix_stats
+from trd_lightning.media import log_figure, log_histogram
 
 
 class PrefixFailureMonitor(PeriodicBatchCallback):
@@ -80,18 +81,12 @@ class PrefixFailureMonitor(PeriodicBatchCallback):
                 f"prefix/kl_after{suffix(name)}": stats["kl_after"],
             }
             self.log_finite(pl_module, metrics, int(mask.shape[0]))
-            for logger in trainer.loggers:
-                if hasattr(logger.experiment, "add_histogram"):
-                    logger.experiment.add_histogram(
-                        f"teacher/token_kl{suffix(name)}", grids["kl"][mask].float().cpu(), trainer.global_step
-                    )
+            log_histogram(trainer, f"teacher/token_kl{suffix(name)}", grids["kl"][mask], trainer.global_step)
             drawn[name] = ({k: v[0][mask[0]].float().cpu() for k, v in grids.items()}, int(first[0]))
         figure_due = self.figure_every_n_steps and trainer.global_step % self.figure_every_n_steps == 0
         if drawn and figure_due:
             figure = rollout_figure(drawn, self.tau)
-            for logger in trainer.loggers:
-                if hasattr(logger.experiment, "add_figure"):
-                    logger.experiment.add_figure("prefix/rollout", figure, trainer.global_step, close=False)
+            log_figure(trainer, "prefix/rollout", figure, trainer.global_step)
             _close(figure)
 
 

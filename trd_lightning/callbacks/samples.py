@@ -1,10 +1,12 @@
-"""Rollouts as text in TensorBoard."""
+"""Rollouts as text, in whichever loggers the trainer has (see ``trd_lightning.media``)."""
 
 from __future__ import annotations
 
 import html
 
 import lightning as L
+
+from trd_lightning.media import log_text
 
 
 class RolloutSamples(L.Callback):
@@ -31,13 +33,16 @@ class RolloutSamples(L.Callback):
         blocks = []
         for i in range(min(self.num_samples, len(produced.rollout_text))):
             j = i // produced.num_generations
-            block = (
-                f"**problem** (answer: {batch.answer[j]})\n<pre>{html.escape(batch.problem[j])}</pre>\n\n"
-                f"**rollout y_o**\n<pre>{html.escape(produced.rollout_text[i])}</pre>"
-            )
+            parts = [
+                f"<p><strong>problem</strong> (answer: {html.escape(str(batch.answer[j]))})</p>",
+                f"<pre>{html.escape(batch.problem[j])}</pre>",
+                "<p><strong>rollout y_o</strong></p>",
+                f"<pre>{html.escape(produced.rollout_text[i])}</pre>",
+            ]
             if produced.refined_text[i] is not None:
-                block += f"\n\n**refined y_r** (trained on)\n<pre>{html.escape(produced.refined_text[i])}</pre>"
-            blocks.append(block)
-        for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_text"):
-                logger.experiment.add_text("samples/rollout", "\n\n---\n\n".join(blocks), global_step=step)
+                parts += [
+                    "<p><strong>refined y_r</strong> (trained on)</p>",
+                    f"<pre>{html.escape(produced.refined_text[i])}</pre>",
+                ]
+            blocks.append("\n\n".join(parts))
+        log_text(trainer, "samples/rollout", "\n\n<hr>\n\n".join(blocks), step)

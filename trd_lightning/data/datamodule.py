@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -12,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from trd_lightning import prompts as templates
+from trd_lightning.data.alignment import merged_kwargs
 from trd_lightning.data.code_rows import code_dataset
-from trd_lightning.data.demo.world import resolve
 from trd_lightning.data.options import (
     CodeFormat,
     CodeOptions,
@@ -23,7 +24,7 @@ from trd_lightning.data.options import (
     Task,
     ValidationOptions,
 )
-from trd_lightning.data.rows import final_answer, tokenize_rows
+from trd_lightning.data.rows import RowFormat, check_answer_pattern, longest_prompt, prepare_rows
 from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.diagnostics import first_divergence
@@ -44,6 +45,10 @@ from trd_lightning.rollout.seeds import row_seeds, uniforms
 from trd_lightning.rollout.selection import RefinementPlan, select_for_refinement
 from trd_lightning.rollout.sources import RolloutSource, StudentRollouts, WrittenRollouts, rollout_stats
 from trd_lightning.verify import Verifier, make_verifier
+
+# Resuming mid-epoch is exact here: ``state_dict`` below keeps the batches consumed, and the next epoch's sampler
+# skips them, which Lightning cannot see from the DataLoader.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class OnPolicyDataModule(L.LightningDataModule):
@@ -108,6 +113,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}.")
+        check_answer_pattern(answer_pattern)
         if teacher_context == "privileged":
             if solution_column is None:
                 raise ValueError(
@@ -145,7 +151,7 @@ class OnPolicyDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(resolve(hp.tokenizer))
+            self.tokenizer = load_tokenizer(hp.tokenizer)
             self._build_stages()
         if stage == "fit" and self.train_rows is None:
             if self.refine.offline_round:
@@ -154,11 +160,11 @@ class OnPolicyDataModule(L.LightningDataModule):
                 self.train_rows = self._prepare(hp.train_data, hp.train_split)
         val = self.validation
         if stage in ("fit", "validate") and self.val_rows is None and val.split is not None:
-            self.val_rows = self._prepare(val.data or hp.train_data, val.split, val=True)[: val.max_prompts]
+            self.val_rows = _first(self._prepare(val.data or hp.train_data, val.split, val=True), val.max_prompts)
         if stage == "test" and self.test_rows is None:
             if val.test_split is None:
                 raise ValueError("trd test evaluates data.validation.test_split: set it to the dataset's test split.")
-            self.test_rows = self._prepare(val.data or hp.train_data, val.test_split, val=True)[: val.max_prompts]
+            self.test_rows = _first(self._prepare(val.data or hp.train_data, val.test_split, val=True), val.max_prompts)
 
     def _build_stages(self) -> None:
         tok = self.tokenizer
@@ -168,20 +174,19 @@ class OnPolicyDataModule(L.LightningDataModule):
             self.source = StudentRollouts(tok, self.rollout.sampling)
         if not self.refine.enabled:
             return
-        kwargs = self.refine.chat_template_kwargs
         prompt = RefinePrompt(
             tok,
             self.refine_template,
             self.refine.max_prompt_length,
             self.prompt.use_chat_template,
-            self.prompt.teacher_kwargs if kwargs is None else kwargs,
+            merged_kwargs(self.prompt.teacher_kwargs, self.refine.chat_template_kwargs),
         )
         if self.refine.offline_round:
             self.rewriter = WrittenRewriter(prompt, self.rollout.max_new_tokens, tok.eos_token_id)
         else:
             self.rewriter = ModelRewriter(prompt, self.refine.sampling(self.rollout))
 
-    def _prepare(self, source: str, split: str, offline: bool = False, val: bool = False) -> list[dict]:
+    def _prepare(self, source: str, split: str, offline: bool = False, val: bool = False):
         """Load, check and tokenize one split (an offline round has fixed column names, ``y_o``/``y_r`` among them)."""
         hp = self.hparams
         dataset = load_rows(source, split, None if offline else (self.validation.subset if val else hp.subset))
@@ -194,30 +199,25 @@ class OnPolicyDataModule(L.LightningDataModule):
             dataset = code_dataset(dataset, code_format, source)
             columns = {"problem": "problem", "solution": None if val else "solution", "answer": "answer"}
         if offline:
-            columns = {"problem": "problem", "solution": "solution", "answer": "answer", "y_o": "y_o", "y_r": "y_r"}
+            answer = "answer" if hp.answer_column else None  # rows need answers only where answers are used
+            columns = {"problem": "problem", "solution": "solution", "answer": answer, "y_o": "y_o", "y_r": "y_r"}
         elif hp.teacher_context != "privileged" and not val:
             columns["solution"] = None if hp.solution_column not in dataset.column_names else hp.solution_column
         check_columns(dataset, columns, source)
         # Validation prompts the student alone: no teacher prompt to build.
         privileged = self.prompt.privileged_template if hp.teacher_context == "privileged" and not val else None
-        rows = tokenize_rows(
-            dataset,
-            columns,
-            self.tokenizer,
+        fmt = RowFormat(
             self.prompt.student_template,
             privileged,
             self.prompt.max_prompt_length,
             self.prompt.max_teacher_prompt_length,
             self.prompt.use_chat_template,
             self.prompt.chat_template_kwargs,
-            f"{source!r} split {split!r}",
+            None if val else self.prompt.teacher_chat_template_kwargs,
+            hp.answer_pattern,
         )
-        if hp.answer_pattern:
-            for row in rows:
-                row["answer"] = final_answer(row["answer"], hp.answer_pattern)
-        self.longest_prompt = max(
-            self.longest_prompt, *(max(len(r["prompt_ids"]), len(r["teacher_ids"])) for r in rows)
-        )
+        rows = prepare_rows(dataset, columns, self.tokenizer, fmt, f"{source!r} split {split!r}")
+        self.longest_prompt = max(self.longest_prompt, longest_prompt(rows))
         return rows
 
     def spec(self) -> RolloutSpec:
@@ -355,3 +355,8 @@ class OnPolicyDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The next train_dataloader starts this epoch's order where the checkpoint left it.
         self._skip = state["consumed_batches"] * self.hparams.batch_size
+
+
+def _first(rows, limit: int | None):
+    """The first ``limit`` rows of a dataset (all of them for None)."""
+    return rows if limit is None else rows.select(range(min(limit, len(rows))))

@@ -26,8 +26,8 @@ class PromptOptions:
         use_chat_template: wrap prompts as a user turn when the tokenizer has a chat template.
         chat_template_kwargs: extra ``apply_chat_template`` arguments of the student's prompt, and of every other
             prompt unless overridden (e.g. ``{enable_thinking: false}``).
-        teacher_chat_template_kwargs: the teacher's (privileged) prompt's arguments, when they differ from the
-            student's (e.g. a thinking teacher for a non-thinking student).
+        teacher_chat_template_kwargs: arguments that override ``chat_template_kwargs`` for the teacher's (privileged)
+            prompt (e.g. ``{enable_thinking: true}`` for a thinking teacher beside a non-thinking student).
         max_prompt_length: the longest student prompt in tokens; longer problems are dropped (never cut).
         max_teacher_prompt_length: the longest teacher prompt; the reference solution's tail is cut to fit.
     """
@@ -116,7 +116,8 @@ class RefineOptions:
         temperature: the refiner's sampling temperature (0 is greedy).
         top_p: the refiner's nucleus sampling mass.
         top_k: the refiner's top-k sampling (0 turns it off).
-        chat_template_kwargs: ``apply_chat_template`` arguments of the refine prompt (None: the teacher prompt's).
+        chat_template_kwargs: arguments that override the teacher prompt's chat-template arguments for the refine
+            prompt.
         offline_round: train on a round written by ``trd refine`` (a folder of shards) instead of generating: the
             student learns each row's ``y_r``.
     """

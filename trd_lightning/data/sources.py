@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 from datasets import Dataset, load_dataset, load_from_disk
@@ -24,20 +26,91 @@ def load_rows(source: str, split: str, subset: str | None = None) -> Dataset:
         return Dataset.from_list(world.rows(split))
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_BUILDERS:
-        if not path.exists():
-            raise FileNotFoundError(f"Dataset file {path} does not exist.")
-        try:
-            return load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
-        except (StopIteration, ValueError) as err:
-            # `datasets` reports a file without rows as a missing split (or not at all, for empty jsonl).
-            if path.stat().st_size == 0 or isinstance(err, StopIteration) or "corresponds to no data" in str(err):
-                raise ValueError(f"Dataset {source!r} is empty: point the data config at rows to train on.") from err
-            raise
+        return _load_file(path, source)
     if path.is_dir() and (path / "dataset_info.json").exists():
         return load_from_disk(str(path))
     if path.is_dir() and (path / "dataset_dict.json").exists():
         return load_from_disk(str(path))[split]
     return load_dataset(source, subset, split=split)
+
+
+def _load_file(path: Path, source: str) -> Dataset:
+    """A local file as one split; a file that cannot be read raises a ValueError naming it and its bad line."""
+    if not path.exists():
+        raise FileNotFoundError(f"Dataset file {path} does not exist.")
+    builder = FILE_BUILDERS[path.suffix.lower()]
+    try:
+        return load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:
+        # `datasets` reports a file without rows as a missing split (or not at all, for empty jsonl).
+        if path.stat().st_size == 0 or isinstance(err, StopIteration) or "corresponds to no data" in str(err):
+            raise ValueError(f"Dataset {source!r} is empty: point the data config at rows to train on.") from err
+        where = {"json": _bad_json_line, "csv": _bad_csv_line, "parquet": _bad_parquet_part}[builder](path)
+        detail = where or f"{type(_root(err)).__name__}: {_root(err)}"
+        raise ValueError(
+            f"Dataset file {path} could not be read: {detail}. Fix the file or point the data config at another one."
+        ) from err
+
+
+def _root(err: BaseException) -> BaseException:
+    """The innermost cause of an exception (``datasets`` wraps the parser's error in its own)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSON or JSON-lines file first goes wrong (1-based line), or None when its syntax is fine."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return None  # one valid document: the trouble is its shape, which the caller reports
+    except json.JSONDecodeError as err:
+        if err.msg != "Extra data":
+            return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    # Several documents: JSON lines, one object per line.
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number}, column {err.colno}: {err.msg}"
+        if not isinstance(value, dict):
+            return f"line {number} is a JSON {type(value).__name__}, not an object with the row's columns"
+    return None
+
+
+def _bad_csv_line(path: Path) -> str | None:
+    """The first CSV record whose field count differs from the header's (1-based line), or None."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            return None
+        for record in reader:
+            if record and len(record) != len(header):
+                return f"line {reader.line_num} has {len(record)} fields, the header has {len(header)}"
+    return None
+
+
+def _bad_parquet_part(path: Path) -> str | None:
+    """The footer or the first row group (with its rows) that pyarrow cannot read, or None."""
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as err:
+        return f"not a readable parquet file ({err})"
+    first = 0
+    for group in range(file.num_row_groups):
+        rows = file.metadata.row_group(group).num_rows
+        try:
+            file.read_row_group(group)
+        except Exception as err:
+            return f"row group {group} (rows {first} to {first + rows - 1}) is corrupt ({err})"
+        first += rows
+    return None
 
 
 def check_columns(dataset: Dataset, columns: dict[str, str | None], source: str) -> None:

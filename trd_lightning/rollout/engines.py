@@ -256,8 +256,10 @@ def _native(model, prompts: Prompts, sampling: SamplingConfig, u, eos_ids: list[
 
 
 def _cache_kwarg(model: nn.Module) -> str:
-    # transformers 5 renamed the forward's `past_key_values` to `cache` (the old name warns, then goes in 5.40).
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # transformers 5 renamed the forward's `past_key_values` to `cache` (the old name warns, then goes in 5.40); a
+    # peft wrapper forwards **kwargs, so ask the model inside it.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _all_done(done: torch.Tensor, synced: bool) -> bool:
