@@ -10,6 +10,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+from helpers import build_run
 
 from trd_lightning.data.demo.random_model import random_qwen3
 from trd_lightning.data.demo.task import make_rows
@@ -37,3 +38,15 @@ def tiny(tmp_path_factory) -> dict[str, str]:
         file.write_text("\n".join(json.dumps(r) for r in make_rows(n, seed)) + "\n")
         paths[split] = str(file)
     return paths
+
+
+@pytest.fixture
+def make_run(tiny, tmp_path):
+    """The one way tests build a run: ``make_run(model=..., data=..., callbacks=..., root=..., **trainer)`` gives a
+    (trainer, module, datamodule) triple on the tiny models and data, CPU, no validation by default (see
+    ``helpers.data_options`` for the DataModule's tiny defaults). ``root`` defaults to the test's temporary folder."""
+
+    def build(model=None, data=None, callbacks=(), root=None, **trainer_kw):
+        return build_run(tiny, tmp_path if root is None else root, model, data, callbacks, **trainer_kw)
+
+    return build

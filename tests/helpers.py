@@ -1,4 +1,5 @@
-"""Building a Trainer run on the tiny fixtures, with callbacks that record what the tests check."""
+"""Building a Trainer run on the tiny fixtures (the ``make_run`` fixture of conftest.py), and callbacks that record
+what the tests check."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def data_options(tiny: dict, data: dict | None = None, student: str | None = Non
     return {**kwargs, **{name: GROUPS[name](**values) for name, values in groups.items()}}
 
 
-def make_run(tiny: dict, root, model: dict | None = None, data: dict | None = None, callbacks=(), **trainer_kw):
-    """A (trainer, module, datamodule) triple on the tiny models and data, CPU, no validation by default."""
+def build_run(tiny: dict, root, model: dict | None = None, data: dict | None = None, callbacks=(), **trainer_kw):
+    """A (trainer, module, datamodule) triple on the tiny models and data, CPU, no validation by default; tests take
+    it through the ``make_run`` fixture."""
     model_kw = {
         "student": tiny["student"],
         "teacher": tiny["teacher"],

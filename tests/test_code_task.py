@@ -8,7 +8,7 @@ import json
 
 import pytest
 from datasets import Dataset
-from helpers import KeepBatch, make_run
+from helpers import KeepBatch
 from test_cli import CONFIGS, demo_on_tiny
 from test_code_rows import HUMANEVAL, LCB_CALL, LCB_STDIO, MBPP, TACO_CALL, TACO_STDIO
 
@@ -129,7 +129,7 @@ def scripted(monkeypatch, tiny):
     return calls
 
 
-def code_run(tiny, tmp_path, callbacks=(), data=None, **trainer):
+def code_run(make_run, tmp_path, callbacks=(), data=None, **trainer):
     local = tmp_path / "taco.jsonl"
     local.write_text("\n".join(json.dumps({**p, "starter_code": p.get("starter_code", "")}) for p in PROBLEMS))
     options = {
@@ -141,14 +141,14 @@ def code_run(tiny, tmp_path, callbacks=(), data=None, **trainer):
         "refine": {"enabled": True, "template": "{problem}\nDraft:\n{initial}", "max_new_tokens": 64},
         **(data or {}),
     }
-    return make_run(tiny, tmp_path, data=options, callbacks=callbacks, model={"micro_batch_size": 4}, **trainer)
+    return make_run(data=options, callbacks=callbacks, model={"micro_batch_size": 4}, **trainer)
 
 
-def test_code_rollouts_are_checked_and_incorrect_mode_refines_the_wrong_ones(tiny, tmp_path, scripted):
+def test_code_rollouts_are_checked_and_incorrect_mode_refines_the_wrong_ones(make_run, tiny, tmp_path, scripted):
     # Rollout g of problem p is right when g == p: problem 0's first and problem 1's second; rewrites are right.
     scripted["script"] = lambda p, g, rewrite: RIGHT[p] if rewrite or g == p else WRONG[p]
     keep = KeepBatch()
-    trainer, module, dm = code_run(tiny, tmp_path, [RefinementScheduler(mode="incorrect"), keep], max_steps=1)
+    trainer, module, dm = code_run(make_run, tmp_path, [RefinementScheduler(mode="incorrect"), keep], max_steps=1)
     trainer.fit(module, dm)
     batch = keep.batches[0]
     order = [next(i for i, p in enumerate(PROBLEMS) if p["question"] in q) for q in batch.problem]
@@ -160,13 +160,13 @@ def test_code_rollouts_are_checked_and_incorrect_mode_refines_the_wrong_ones(tin
     assert float(metrics["refine/accuracy_before"]) == 0.0 and float(metrics["refine/accuracy_after"]) == 1.0
 
 
-def test_validation_pass_at_k_on_code_by_hand(tiny, tmp_path, scripted):
+def test_validation_pass_at_k_on_code_by_hand(make_run, tiny, tmp_path, scripted):
     """k = 4 samples: problem 0 gets 2 right, problem 1 none. By hand: avg@4 = (2/4 + 0) / 2 = 0.25; pass@4 is 1 for
     problem 0 (some sample passes) and 0 for problem 1, so 0.5; accuracy over the 8 answers is 2/8."""
     scripted["script"] = lambda p, g, rewrite: RIGHT[p] if p == 0 and g < 2 else WRONG[p]
     local = tmp_path / "taco.jsonl"
     validation = {"data": str(local), "split": "train", "samples": 4, "temperature": 1.0, "batch_size": 2}
-    trainer, module, dm = code_run(tiny, tmp_path, data={"validation": validation}, max_steps=1)
+    trainer, module, dm = code_run(make_run, tmp_path, data={"validation": validation}, max_steps=1)
     trainer.validate(module, dm)
     metrics = trainer.callback_metrics
     assert float(metrics["val/avg@4"]) == pytest.approx(0.25)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_run
 from transformers import AutoModelForCausalLM
 
 from trd_lightning import ExportStudent
@@ -12,11 +11,9 @@ from trd_lightning.lora import LoraOptions
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter"])
-def test_lora_student_exports_merged_or_as_adapter(tiny, tmp_path, merge):
+def test_lora_student_exports_merged_or_as_adapter(make_run, tiny, tmp_path, merge):
     out = tmp_path / "export"
     trainer, module, dm = make_run(
-        tiny,
-        tmp_path,
         model={"lora": LoraOptions(r=4, alpha=8), "lr": 1e-2},
         callbacks=[ExportStudent(str(out), merge_lora=merge)],
         max_steps=2,

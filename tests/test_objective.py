@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from helpers import KeepBatch, make_run
+from helpers import KeepBatch
 
 from trd_lightning.objective import micro_batches
 from trd_lightning.rollout.batch import Prompts, Rollouts, Sequences
 
 
-def test_token_level_baselines_as_module_loss_options(tiny, tmp_path):
+def test_token_level_baselines_as_module_loss_options(make_run, tiny, tmp_path):
     """Loss truncation, the per-entry clip and TOPD weighting applied in the module, against hand rules."""
     keep = KeepBatch()
-    trainer, module, dm = make_run(tiny, tmp_path, callbacks=[keep], max_steps=1)
+    trainer, module, dm = make_run(callbacks=[keep], max_steps=1)
     trainer.fit(module, dm)
     seqs = keep.batches[0].produced.train
     base_objective = module.objective

@@ -5,7 +5,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 from datasets import load_dataset
-from helpers import make_run
 
 from trd_lightning.cli import cli_main
 from trd_lightning.offline import shard_path, write_refinement_round
@@ -19,7 +18,7 @@ def round_rows(folder):
     )
 
 
-def test_round_trip_and_resume_after_an_interruption(tiny, tmp_path, monkeypatch):
+def test_round_trip_and_resume_after_an_interruption(make_run, tiny, tmp_path, monkeypatch):
     full = tmp_path / "full"
     cli_main(
         [
@@ -48,7 +47,7 @@ def test_round_trip_and_resume_after_an_interruption(tiny, tmp_path, monkeypatch
     # A crash after two shards: what was written stays, nothing half-written is left, and a rerun completes it.
     part = tmp_path / "part"
     round_data = {"refine": {"enabled": True}, "batch_size": 16, "rollout": {"max_new_tokens": 8}}
-    trainer, module, data = make_run(tiny, tmp_path, data=round_data)
+    trainer, module, data = make_run(data=round_data)
     calls = {"n": 0}
     original = type(data).produce
 
@@ -69,10 +68,10 @@ def test_round_trip_and_resume_after_an_interruption(tiny, tmp_path, monkeypatch
     assert round_rows(part) == rows  # same seeds: the resumed round equals the uninterrupted one
 
 
-def test_training_on_an_offline_round_uses_y_r_and_the_refine_prompt(tiny, tmp_path):
+def test_training_on_an_offline_round_uses_y_r_and_the_refine_prompt(make_run, tiny, tmp_path):
     folder = tmp_path / "round"
     round_data = {"refine": {"enabled": True}, "batch_size": 16, "rollout": {"max_new_tokens": 8}}
-    trainer, module, data = make_run(tiny, tmp_path, data=round_data)
+    trainer, module, data = make_run(data=round_data)
     write_refinement_round(module, data, folder, "cpu")
     rows = {r["problem"]: r for r in round_rows(folder)}
 
@@ -83,8 +82,7 @@ def test_training_on_an_offline_round_uses_y_r_and_the_refine_prompt(tiny, tmp_p
             seen.append(batch)
 
     trainer, module, data = make_run(
-        tiny,
-        tmp_path / "fit",
+        root=tmp_path / "fit",
         data={"refine": {"enabled": True, "offline_round": str(folder)}, "rollout": {"max_new_tokens": 8}},
         callbacks=[Keep()],
         max_steps=1,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import KeepBatch, make_run
+from helpers import KeepBatch
 
 from trd_lightning import RefinementScheduler
 from trd_lightning.rollout.selection import RefinementPlan
@@ -38,9 +38,9 @@ def decode(tok, ids, mask) -> str:
     ],
     ids=["trd-opd", "trd-opsd", "original-context"],
 )
-def test_refined_batch_has_identical_response_ids_and_refine_contexts(tiny, tmp_path, model, data):
+def test_refined_batch_has_identical_response_ids_and_refine_contexts(make_run, tiny, tmp_path, model, data):
     keep = KeepBatch()
-    trainer, module, dm = make_run(tiny, tmp_path, model=model, data=data, callbacks=[keep], max_steps=1)
+    trainer, module, dm = make_run(model=model, data=data, callbacks=[keep], max_steps=1)
     trainer.fit(module, dm)
     batch = keep.batches[0]
     b, tok = batch.produced, dm.tokenizer
@@ -64,9 +64,9 @@ def test_refined_batch_has_identical_response_ids_and_refine_contexts(tiny, tmp_
         assert "Your Initial Solution" not in student_context and problem in student_context
 
 
-def test_without_refinement_the_batch_is_the_rollouts_in_their_usual_contexts(tiny, tmp_path):
+def test_without_refinement_the_batch_is_the_rollouts_in_their_usual_contexts(make_run, tiny, tmp_path):
     keep = KeepBatch()
-    trainer, module, dm = make_run(tiny, tmp_path, data={"rollout": {"num_generations": 2}}, callbacks=[keep])
+    trainer, module, dm = make_run(data={"rollout": {"num_generations": 2}}, callbacks=[keep])
     trainer.fit(module, dm)
     batch = keep.batches[0]
     b = batch.produced
@@ -79,12 +79,12 @@ def test_without_refinement_the_batch_is_the_rollouts_in_their_usual_contexts(ti
     assert b.rollout_text[0] != b.rollout_text[1]  # the two rollouts of a prompt are drawn with different seeds
 
 
-def test_support_guard_keeps_the_original_rollouts(tiny, tmp_path):
+def test_support_guard_keeps_the_original_rollouts(make_run, tiny, tmp_path):
     """A guard no rewrite can pass keeps every y_o; a guard every rewrite passes keeps every y_r."""
     for threshold, expect_refined in ((0.0, False), (-1e9, True)):
         keep = KeepBatch()
         sched = RefinementScheduler(min_student_logprob=threshold)
-        trainer, module, dm = make_run(tiny, tmp_path, data={"refine": REFINE}, callbacks=[sched, keep], max_steps=1)
+        trainer, module, dm = make_run(data={"refine": REFINE}, callbacks=[sched, keep], max_steps=1)
         trainer.fit(module, dm)
         b = keep.batches[0].produced
         assert all((t is not None) == expect_refined for t in b.refined_text)
@@ -94,12 +94,10 @@ def test_support_guard_keeps_the_original_rollouts(tiny, tmp_path):
             assert decoded == b.rollout_text and b.train.sampled.all()
 
 
-def test_incorrect_mode_refines_only_wrong_rollouts(tmp_path, tiny):
+def test_incorrect_mode_refines_only_wrong_rollouts(make_run, tmp_path, tiny):
     keep = KeepBatch()
     sched = RefinementScheduler(mode="incorrect")
-    trainer, module, dm = make_run(
-        tiny, tmp_path, model=DEMO_MODEL, data=DEMO_DATA, callbacks=[sched, keep], max_steps=1
-    )
+    trainer, module, dm = make_run(model=DEMO_MODEL, data=DEMO_DATA, callbacks=[sched, keep], max_steps=1)
     trainer.fit(module, dm)
     batch = keep.batches[0]
     b = batch.produced
@@ -112,12 +110,10 @@ def test_incorrect_mode_refines_only_wrong_rollouts(tmp_path, tiny):
     assert float(metrics["rollout/accuracy"]) == pytest.approx(sum(correct) / len(correct))
 
 
-def test_divergent_mode_refines_the_rollouts_the_teacher_finds_unlikely(tmp_path, tiny):
+def test_divergent_mode_refines_the_rollouts_the_teacher_finds_unlikely(make_run, tmp_path, tiny):
     keep = KeepBatch()
     sched = RefinementScheduler(mode="divergent", divergence_prob=0.05)
-    trainer, module, dm = make_run(
-        tiny, tmp_path, model=DEMO_MODEL, data=DEMO_DATA, callbacks=[sched, keep], max_steps=1
-    )
+    trainer, module, dm = make_run(model=DEMO_MODEL, data=DEMO_DATA, callbacks=[sched, keep], max_steps=1)
     trainer.fit(module, dm)
     b = keep.batches[0].produced
     original = b.original
@@ -134,11 +130,11 @@ def test_divergent_mode_refines_the_rollouts_the_teacher_finds_unlikely(tmp_path
     assert [t is not None for t in b.refined_text] == divergent
 
 
-def test_the_schedulers_plan_reaches_the_rollout_side_through_its_api(tiny, tmp_path):
+def test_the_schedulers_plan_reaches_the_rollout_side_through_its_api(make_run, tiny, tmp_path):
     """The scheduler hands each step's plan to ``plan_refinement``; the share refined follows it."""
     keep, plans = KeepBatch(), []
     sched = RefinementScheduler(schedule="step", p_start=0.0, p_end=1.0, total_steps=2, num_stairs=2)
-    trainer, module, dm = make_run(tiny, tmp_path, data={"refine": REFINE}, callbacks=[sched, keep], max_steps=3)
+    trainer, module, dm = make_run(data={"refine": REFINE}, callbacks=[sched, keep], max_steps=3)
     handed = dm.plan_refinement
 
     def record(plan: RefinementPlan) -> None:
@@ -153,13 +149,13 @@ def test_the_schedulers_plan_reaches_the_rollout_side_through_its_api(tiny, tmp_
     assert [int(b.produced.refined.sum()) for b in keep.batches] == [0, 4, 4]
 
 
-def test_rows_generated_at_once_do_not_change_the_step(tiny, tmp_path):
+def test_rows_generated_at_once_do_not_change_the_step(make_run, tiny, tmp_path):
     """The cap on rows per generation (rollouts and rewrites) gives the same batch as generating all at once."""
     batches = []
     for cap in (None, 3):
         keep = KeepBatch()
         data = {"refine": {**REFINE, "temperature": 1.0}, "rollout": {"max_generation_rows": cap}}
-        trainer, module, dm = make_run(tiny, tmp_path / str(cap), data=data, callbacks=[keep], max_steps=1)
+        trainer, module, dm = make_run(root=tmp_path / str(cap), data=data, callbacks=[keep], max_steps=1)
         trainer.fit(module, dm)
         batches.append(keep.batches[0].produced)
     assert batches[0].rollout_text == batches[1].rollout_text

@@ -1,5 +1,6 @@
-"""Where inputs come from: demo names and local paths in the model loaders, and data files that cannot be read,
-each failing with an error that names the file (and its line) before any weights load."""
+"""Where inputs come from: dataset files and folders, the demo world, demo names and local paths in the model
+loaders, and data files that cannot be read, each failing with an error that names the file (and its line) before any
+weights load."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_run
+from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from trd_lightning import OnPolicyDataModule
 from trd_lightning.data.demo.world import world_dir
 from trd_lightning.data.options import ValidationOptions
+from trd_lightning.data.sources import load_rows
 from trd_lightning.hf import load_causal_lm, load_config, load_tokenizer
 
 
@@ -28,8 +30,8 @@ def no_weights(monkeypatch):
     monkeypatch.setattr("trd_lightning.module.load_causal_lm", refuse)
 
 
-def fit(tiny, tmp_path, model=None, data=None):
-    trainer, module, datamodule = make_run(tiny, tmp_path, model=model, data=data, max_steps=1)
+def fit(make_run, model=None, data=None):
+    trainer, module, datamodule = make_run(model=model, data=data, max_steps=1)
     trainer.fit(module, datamodule)
 
 
@@ -68,7 +70,7 @@ def test_unknown_demo_part_names_the_choices():
 
 
 @pytest.mark.parametrize("kind", ["absolute", "relative beside an existing folder"])
-def test_a_missing_local_model_path_says_so(tiny, tmp_path, no_weights, kind, monkeypatch):
+def test_a_missing_local_model_path_says_so(make_run, tiny, tmp_path, no_weights, kind, monkeypatch):
     if kind == "absolute":
         missing = str(tmp_path / "runs" / "student")
     else:
@@ -76,14 +78,14 @@ def test_a_missing_local_model_path_says_so(tiny, tmp_path, no_weights, kind, mo
         monkeypatch.chdir(tmp_path)
         missing = "runs/student"  # a valid hub id too: the existing `runs` folder says it was meant locally
     with pytest.raises(FileNotFoundError, match=rf"Model path '{missing}' does not exist") as err:
-        fit(tiny, tmp_path, model={"student": missing})
+        fit(make_run, model={"student": missing})
     assert "Repo id" not in str(err.value) and "huggingface.co" not in str(err.value)
 
 
-def test_a_missing_teacher_path_says_so(tiny, tmp_path, no_weights):
+def test_a_missing_teacher_path_says_so(make_run, tiny, tmp_path, no_weights):
     missing = str(tmp_path / "teacher")
     with pytest.raises(FileNotFoundError, match=rf"Model path '{missing}' does not exist"):
-        fit(tiny, tmp_path, model={"teacher": missing})
+        fit(make_run, model={"teacher": missing})
 
 
 def test_a_hub_id_is_left_to_the_hub():
@@ -105,49 +107,49 @@ def write_jsonl(path: Path, lines: list[str]) -> str:
     return str(path)
 
 
-def test_jsonl_with_a_bad_line_names_the_file_and_the_line(tiny, tmp_path, no_weights):
+def test_jsonl_with_a_bad_line_names_the_file_and_the_line(make_run, tiny, tmp_path, no_weights):
     lines = [json.dumps(r) for r in GOOD]
     lines[3] = lines[3][:-5]  # cut off the closing quote and brace
     path = write_jsonl(tmp_path / "train.jsonl", lines)
     with pytest.raises(ValueError, match=rf"Dataset file {path} could not be read: line 4, column \d+"):
-        fit(tiny, tmp_path, data={"train_data": path})
+        fit(make_run, data={"train_data": path})
 
 
-def test_jsonl_line_that_is_not_an_object(tiny, tmp_path, no_weights):
+def test_jsonl_line_that_is_not_an_object(make_run, tiny, tmp_path, no_weights):
     lines = [json.dumps(r) for r in GOOD]
     lines.insert(2, "[1, 2, 3]")
     path = write_jsonl(tmp_path / "train.jsonl", lines)
     with pytest.raises(ValueError, match=r"line 3 is a JSON list, not an object"):
-        fit(tiny, tmp_path, data={"train_data": path})
+        fit(make_run, data={"train_data": path})
 
 
-def test_broken_json_document_names_its_line(tiny, tmp_path, no_weights):
+def test_broken_json_document_names_its_line(make_run, tiny, tmp_path, no_weights):
     path = tmp_path / "train.json"
     text = json.dumps(GOOD, indent=1)
     path.write_text(text[: len(text) // 2])  # a document cut in the middle
     expected_line = text[: len(text) // 2].count("\n") + 1
     with pytest.raises(ValueError, match=rf"{path} could not be read: line {expected_line}, column \d+"):
-        fit(tiny, tmp_path, data={"train_data": str(path)})
+        fit(make_run, data={"train_data": str(path)})
 
 
-def test_csv_with_a_ragged_row_names_its_line(tiny, tmp_path, no_weights):
+def test_csv_with_a_ragged_row_names_its_line(make_run, tiny, tmp_path, no_weights):
     path = tmp_path / "train.csv"
     records = [["problem", "solution", "answer"]] + [[r["problem"], r["solution"], r["answer"]] for r in GOOD]
     records[5].append("extra")  # line 6 of the file
     with open(path, "w", newline="") as handle:
         csv.writer(handle).writerows(records)
     with pytest.raises(ValueError, match=rf"{path} could not be read: line 6 has 4 fields, the header has 3"):
-        fit(tiny, tmp_path, data={"train_data": str(path)})
+        fit(make_run, data={"train_data": str(path)})
 
 
-def test_file_that_is_not_parquet(tiny, tmp_path, no_weights):
+def test_file_that_is_not_parquet(make_run, tiny, tmp_path, no_weights):
     path = tmp_path / "train.parquet"
     path.write_bytes(b"this is not a parquet file at all")
     with pytest.raises(ValueError, match=rf"{path} could not be read: not a readable parquet file"):
-        fit(tiny, tmp_path, data={"train_data": str(path)})
+        fit(make_run, data={"train_data": str(path)})
 
 
-def test_good_files_of_each_kind_still_reach_the_weight_loader(tiny, tmp_path, no_weights):
+def test_good_files_of_each_kind_still_reach_the_weight_loader(make_run, tiny, tmp_path, no_weights):
     """The control: the same rows, well formed, load, so the errors above come from the bad line."""
     from datasets import Dataset
 
@@ -157,7 +159,7 @@ def test_good_files_of_each_kind_still_reach_the_weight_loader(tiny, tmp_path, n
             suffix, Dataset.from_list(GOOD).to_parquet
         )(str(path))
         with pytest.raises(AssertionError, match="weights loaded"):
-            fit(tiny, tmp_path, data={"train_data": str(path), "batch_size": 2}, model={"micro_batch_size": 2})
+            fit(make_run, data={"train_data": str(path), "batch_size": 2}, model={"micro_batch_size": 2})
 
 
 # ------------------------------------------------------------------ answer pattern
@@ -171,3 +173,65 @@ def test_an_invalid_answer_pattern_is_an_error_at_construction(pattern):
 
 def test_a_valid_answer_pattern_is_accepted():
     assert OnPolicyDataModule(answer_pattern=r"(?:####)\s*(.+)").hparams.answer_pattern == r"(?:####)\s*(.+)"
+
+
+# ---------------------------------------------------------------- sources
+
+ROWS = [
+    {"problem": "Add one and one, please.", "solution": "one, plus one,\nis two", "answer": "two"},
+    {"problem": "What is \\frac{1}{2} of x?", "solution": "half of x", "answer": "x/2"},
+    {"problem": "Name a prime.", "solution": "Seven is prime.", "answer": "seven"},
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_load_rows_from_a_local_file(tmp_path, suffix):
+    path = tmp_path / f"rows{suffix}"
+    dataset = Dataset.from_list(ROWS)
+    if suffix == ".parquet":
+        dataset.to_parquet(str(path))
+    elif suffix == ".csv":
+        dataset.to_csv(str(path), index=False)
+    else:
+        dataset.to_json(str(path))
+    loaded = load_rows(str(path), "ignored for one file")
+    assert sorted(loaded.column_names) == ["answer", "problem", "solution"]
+    assert loaded.to_list() == ROWS
+
+
+def test_load_rows_from_saved_folders(tmp_path):
+    Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
+    assert load_rows(str(tmp_path / "one"), "train").to_list() == ROWS
+    splits = DatasetDict({"train": Dataset.from_list(ROWS[:2]), "test": Dataset.from_list(ROWS[2:])})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    assert load_rows(str(tmp_path / "dict"), "test").to_list() == ROWS[2:]
+    assert load_rows(str(tmp_path / "dict"), "train").to_list() == ROWS[:2]
+
+
+def test_load_rows_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"), "train")
+
+
+def last_digit_answer(problem: str) -> str:
+    """The demo task evaluated independently: ops left to right, keeping the last digit."""
+    expr = problem.split(": ", 1)[1].split()
+    value = int(expr[0])
+    for op, digit in zip(expr[1::2], expr[2::2]):
+        value = {"+": value + int(digit), "-": value - int(digit), "*": value * int(digit)}[op] % 10
+    return str(value)
+
+
+def test_demo_validation_split():
+    data = load_rows("trd-demo", "validation")
+    assert len(data) == 128
+    assert sorted(data.column_names) == ["answer", "problem", "solution"]
+    first = data[0]
+    # By hand: 9 + 4 = 13 -> 3, 3 + 7 = 10 -> 0, 0 - 7 = -7 -> 3.
+    assert first["problem"] == "Last digit, left to right: 9 + 4 + 7 - 7"
+    assert first["answer"] == "3"
+    for row in data:
+        lines = row["solution"].split("\n")
+        assert lines[-1] == f"Answer: \\boxed{{{row['answer']}}}"
+        assert lines[-2].endswith(f"= {row['answer']}")  # the last step's value
+        assert row["answer"] == last_digit_answer(row["problem"])

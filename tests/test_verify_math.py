@@ -145,3 +145,22 @@ def test_pathological_input_is_bounded_off_the_main_thread(capsys):
     # The stuck helper was replaced: a normal check from a thread still answers.
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(is_correct, "\\boxed{\\frac{3}{4}}", "0.75").result() is True
+
+
+# ---------------------------------------------------------------- answer checking
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "expected"),
+    [
+        ("The answer is \\boxed{3}.", "3", True),
+        ("\\boxed{3}", "4", False),
+        ("0.5", "1/2", True),
+        ("\\frac{1}{2}", "0.5", True),
+        ("So we get \\boxed{\\frac{1}{2}}", "0.5", True),
+        ("I could not work it out.", "3", False),
+        ("", "3", False),
+    ],
+)
+def test_is_correct_on_short_replies(response, gold, expected):
+    assert is_correct(response, gold) is expected

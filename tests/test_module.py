@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import Recorder, make_run
+from helpers import Recorder
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
@@ -15,7 +15,7 @@ from trd_lightning.lora import LoraOptions
 
 
 @pytest.mark.parametrize("loss", ["jsd", "topk", "sampled_token"])
-def test_gradients_do_not_depend_on_micro_batching(tiny, tmp_path, loss):
+def test_gradients_do_not_depend_on_micro_batching(make_run, tiny, tmp_path, loss):
     """One step as 1 micro-batch of 8 rollouts or as 4 of 2 gives the same gradient (the loss is normalised
     by the step's token count, not per micro-batch)."""
     grads = []
@@ -23,8 +23,7 @@ def test_gradients_do_not_depend_on_micro_batching(tiny, tmp_path, loss):
         L.seed_everything(0)
         rec = Recorder(grads=True)
         trainer, module, data = make_run(
-            tiny,
-            tmp_path / str(micro),
+            root=tmp_path / str(micro),
             model={"micro_batch_size": micro, "loss": loss, "max_grad_norm": None, "beta": 0.5},
             data={"batch_size": 4, "rollout": {"num_generations": 2}},
             callbacks=[rec],
@@ -38,7 +37,7 @@ def test_gradients_do_not_depend_on_micro_batching(tiny, tmp_path, loss):
 
 
 @pytest.mark.parametrize("loss", ["jsd", "topk", "sampled_token"])
-def test_token_budget_micro_batches_give_the_one_micro_batch_gradient(tiny, tmp_path, loss):
+def test_token_budget_micro_batches_give_the_one_micro_batch_gradient(make_run, tiny, tmp_path, loss):
     """Micro-batches formed by a token budget (rows of similar length together, padding trimmed) give the gradient
     of one micro-batch holding the whole step, to 1e-6."""
     grads, parts = [], []
@@ -46,8 +45,7 @@ def test_token_budget_micro_batches_give_the_one_micro_batch_gradient(tiny, tmp_
         L.seed_everything(0)
         rec = Recorder(grads=True)
         trainer, module, data = make_run(
-            tiny,
-            tmp_path / name,
+            root=tmp_path / name,
             model={**model, "loss": loss, "max_grad_norm": None, "beta": 0.5},
             data={"batch_size": 4, "rollout": {"num_generations": 2, "max_new_tokens": 16}},
             callbacks=[rec],
@@ -78,19 +76,17 @@ def test_token_budget_micro_batches_give_the_one_micro_batch_gradient(tiny, tmp_
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_teacher_equal_to_student_gives_zero_loss(tiny, tmp_path):
+def test_teacher_equal_to_student_gives_zero_loss(make_run, tiny, tmp_path):
     rec = Recorder()
-    trainer, module, data = make_run(
-        tiny, tmp_path, model={"teacher": tiny["student"], "beta": 0.5}, callbacks=[rec], max_steps=1
-    )
+    trainer, module, data = make_run(model={"teacher": tiny["student"], "beta": 0.5}, callbacks=[rec], max_steps=1)
     trainer.fit(module, data)
     assert abs(rec.losses[1]) < 1e-6
 
 
-def test_distinct_teacher_gives_positive_loss_and_checkpoint_holds_no_teacher(tiny, tmp_path):
+def test_distinct_teacher_gives_positive_loss_and_checkpoint_holds_no_teacher(make_run, tiny, tmp_path):
     rec = Recorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer, module, data = make_run(tiny, tmp_path, callbacks=[rec, ckpt], enable_checkpointing=True, max_steps=1)
+    trainer, module, data = make_run(callbacks=[rec, ckpt], enable_checkpointing=True, max_steps=1)
     trainer.fit(module, data)
     assert rec.losses[1] > 1e-3
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
@@ -98,24 +94,24 @@ def test_distinct_teacher_gives_positive_loss_and_checkpoint_holds_no_teacher(ti
     assert any(k.startswith("student.") for k in state)
 
 
-def test_resumed_run_gives_the_same_next_losses(tiny, tmp_path):
+def test_resumed_run_gives_the_same_next_losses(make_run, tiny, tmp_path):
     """Stop after step 2, resume from its checkpoint: steps 3 and 4 match the uninterrupted run."""
     full = Recorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer, module, data = make_run(
-        tiny, tmp_path / "a", callbacks=[full, ckpt], enable_checkpointing=True, max_steps=4
+        root=tmp_path / "a", callbacks=[full, ckpt], enable_checkpointing=True, max_steps=4
     )
     trainer.fit(module, data)
 
     resumed = Recorder()
-    trainer, module, data = make_run(tiny, tmp_path / "b", callbacks=[resumed], max_steps=4)
+    trainer, module, data = make_run(root=tmp_path / "b", callbacks=[resumed], max_steps=4)
     trainer.fit(module, data, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
     assert sorted(resumed.losses) == [3, 4]
     for step in (3, 4):
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-7)
 
 
-def test_resume_continues_the_data_order(tiny, tmp_path):
+def test_resume_continues_the_data_order(make_run, tiny, tmp_path):
     """The resumed run sees the prompts the uninterrupted run would have seen next."""
     seen_full, seen_resumed = [], []
 
@@ -128,10 +124,10 @@ def test_resume_continues_the_data_order(tiny, tmp_path):
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer, module, data = make_run(
-        tiny, tmp_path / "a", callbacks=[Seen(seen_full), ckpt], enable_checkpointing=True, max_steps=4
+        root=tmp_path / "a", callbacks=[Seen(seen_full), ckpt], enable_checkpointing=True, max_steps=4
     )
     trainer.fit(module, data)
-    trainer, module, data = make_run(tiny, tmp_path / "b", callbacks=[Seen(seen_resumed)], max_steps=4)
+    trainer, module, data = make_run(root=tmp_path / "b", callbacks=[Seen(seen_resumed)], max_steps=4)
     trainer.fit(module, data, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
     assert seen_resumed == seen_full[2:]
 
@@ -139,13 +135,11 @@ def test_resume_continues_the_data_order(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("weights", "lora"), [("initial", None), ("initial", LoraOptions(r=4, alpha=8)), ("live", None), ("ema", None)]
 )
-def test_shared_teacher_opsd(tiny, tmp_path, weights, lora):
+def test_shared_teacher_opsd(make_run, tiny, tmp_path, weights, lora):
     """OPSD: the student scores itself under the privileged context; the loss is positive (the contexts
     differ) and finite, and only the student's trainable weights change."""
     rec = Recorder()
     trainer, module, data = make_run(
-        tiny,
-        tmp_path,
         model={"teacher": None, "teacher_kind": "shared", "shared_weights": weights, "lora": lora},
         data={"teacher_context": "privileged"},
         callbacks=[rec],
@@ -163,13 +157,13 @@ def test_shared_teacher_opsd(tiny, tmp_path, weights, lora):
         assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_closed_form_loss_trains_like_the_checkpointed_one(tiny, tmp_path):
+def test_closed_form_loss_trains_like_the_checkpointed_one(make_run, tiny, tmp_path):
     """Same first step (same rollouts): the same loss and the same gradients, from the closed-form backward."""
     runs = {}
     for name in ("checkpointed", "closed_form"):
         rec = Recorder(grads=True)
         trainer, module, data = make_run(
-            tiny, tmp_path / name, model={"loss_implementation": name, "loss_chunk_size": 7}, callbacks=[rec]
+            root=tmp_path / name, model={"loss_implementation": name, "loss_chunk_size": 7}, callbacks=[rec]
         )
         trainer.fit(module, data)
         runs[name] = rec
@@ -180,14 +174,14 @@ def test_closed_form_loss_trains_like_the_checkpointed_one(tiny, tmp_path):
         torch.testing.assert_close(second[key], first[key], atol=1e-6, rtol=1e-4, msg=key)
 
 
-def test_auto_loss_implementation_takes_the_closed_form_where_it_applies(tiny, tmp_path, monkeypatch):
+def test_auto_loss_implementation_takes_the_closed_form_where_it_applies(make_run, tiny, tmp_path, monkeypatch):
     """``auto`` (the default) runs forward KL in closed form; other losses and soft-capped heads go checkpointed."""
     calls = []
     closed_form = losses.closed_form_forward_kl
     monkeypatch.setattr(losses, "closed_form_forward_kl", lambda *a, **k: calls.append(1) or closed_form(*a, **k))
     for i, (model, expect) in enumerate((({}, True), ({"beta": 0.5}, False), ({"loss": "topk"}, False))):
         calls.clear()
-        trainer, module, data = make_run(tiny, tmp_path / str(i), model=model, max_steps=1)
+        trainer, module, data = make_run(root=tmp_path / str(i), model=model, max_steps=1)
         assert module.hparams.loss_implementation == "auto"
         trainer.fit(module, data)
         assert bool(calls) == expect, model
@@ -240,12 +234,10 @@ class LoggedNames(L.Callback):
         self.batches.append(set())
 
 
-def test_step_statistics_are_logged_on_the_steps_the_logger_writes(tiny, tmp_path):
+def test_step_statistics_are_logged_on_the_steps_the_logger_writes(make_run, tiny, tmp_path):
     """With log_every_n_steps=2, batches 1 and 3 log every statistic; batches 0 and 2 log train/loss only."""
     logger, names, rec = WrittenMetrics(), LoggedNames(), Recorder()
-    trainer, module, data = make_run(
-        tiny, tmp_path, callbacks=[names, rec], max_steps=4, logger=logger, log_every_n_steps=2
-    )
+    trainer, module, data = make_run(callbacks=[names, rec], max_steps=4, logger=logger, log_every_n_steps=2)
     trainer.fit(module, data)
     statistics = {"train/loss", "train/grad_norm", "train/token_loss_std", "train/lr", "perf/rollout_seconds"}
     assert len(names.batches) == 4
@@ -257,12 +249,12 @@ def test_step_statistics_are_logged_on_the_steps_the_logger_writes(tiny, tmp_pat
     assert len(set(rec.losses.values())) == 4
 
 
-def test_grad_norm_is_logged_before_clipping(tiny, tmp_path):
+def test_grad_norm_is_logged_before_clipping(make_run, tiny, tmp_path):
     """train/grad_norm is the float64 norm of the unclipped gradients; the optimizer sees them clipped."""
     for max_norm in (1e9, 1e-3):
         logger, rec = WrittenMetrics(values=True), Recorder(grads=True)
         trainer, module, data = make_run(
-            tiny, tmp_path / str(max_norm), model={"max_grad_norm": max_norm}, callbacks=[rec], logger=logger
+            root=tmp_path / str(max_norm), model={"max_grad_norm": max_norm}, callbacks=[rec], logger=logger
         )
         trainer.fit(module, data)
         for step, grads in enumerate(rec.grads):
@@ -280,7 +272,7 @@ def test_closed_form_loss_refuses_other_losses():
         DistillationModule(student="s", teacher="t", loss_implementation="closed_form", beta=0.5)
 
 
-def test_gradient_checkpointing_gives_the_same_step_and_lets_the_monitor_take_gradients(tiny, tmp_path):
+def test_gradient_checkpointing_gives_the_same_step_and_lets_the_monitor_take_gradients(make_run, tiny, tmp_path):
     from trd_lightning import GradientFragmentationMonitor
 
     runs = {}
@@ -288,7 +280,7 @@ def test_gradient_checkpointing_gives_the_same_step_and_lets_the_monitor_take_gr
         rec = Recorder(grads=True)
         monitor = GradientFragmentationMonitor(every_n_steps=1, num_sequences=2)
         trainer, module, data = make_run(
-            tiny, tmp_path / str(flag), model={"gradient_checkpointing": flag}, callbacks=[monitor, rec], max_steps=1
+            root=tmp_path / str(flag), model={"gradient_checkpointing": flag}, callbacks=[monitor, rec], max_steps=1
         )
         trainer.fit(module, data)
         assert all(layer.gradient_checkpointing for layer in module.student.model.layers) == flag
