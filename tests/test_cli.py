@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trd_lightning import DistillationModule, OnPolicyDataModule, RefinementScheduler
 from trd_lightning.cli import EXTRA_SUBCOMMANDS, SUBCOMMANDS, cli_main
+from trd_lightning.data.sources import load_rows
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
@@ -166,6 +167,29 @@ def test_validate_subcommand_logs_avg_and_pass_at_k(tiny, tmp_path):
     assert {"val/accuracy", "val/avg@4", "val/pass@4", "val/response_length"} <= set(metrics)
     assert float(metrics["val/avg@4"]) == pytest.approx(float(metrics["val/accuracy"]))
     assert float(metrics["val/pass@4"]) >= float(metrics["val/avg@4"])
+
+
+def test_test_subcommand_evaluates_the_test_split_with_the_validation_metrics(tiny, tmp_path):
+    """`trd test` runs validation's metrics on data.validation.test_split: the demo world's 512 test problems, each
+    answered greedily, so its answers are those `trd validate` gives the same split."""
+    common = [
+        "--config",
+        str(CONFIGS[0].parent / "demo.yaml"),
+        *ON_CPU,
+        "--data.validation.max_prompts=16",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+    tested = cli_main(["test", *common, "--data.validation.test_split=test"])
+    data = tested.datamodule
+    assert len(data.test_rows) == 16 and data.val_rows is None
+    assert data.test_rows[0]["problem"] == load_rows("trd-demo", "test")[0]["problem"]
+    metrics = {k: float(v) for k, v in tested.trainer.callback_metrics.items()}
+    assert {"test/accuracy", "test/avg@1", "test/pass@1", "test/response_length"} <= set(metrics)
+    validated = cli_main(["validate", *common, "--data.validation.split=test"])
+    again = {k.replace("val/", "test/"): float(v) for k, v in validated.trainer.callback_metrics.items()}
+    assert metrics == pytest.approx({k: again[k] for k in metrics})
+    with pytest.raises(ValueError, match="data.validation.test_split"):
+        cli_main(["test", *common])
 
 
 def test_the_installed_command_exits_zero(tiny, tmp_path):
