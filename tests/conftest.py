@@ -50,3 +50,21 @@ def make_run(tiny, tmp_path):
         return build_run(tiny, tmp_path if root is None else root, model, data, callbacks, **trainer_kw)
 
     return build
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Reaching the weight loader fails the test: what it checks must come from configs and data alone."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr("trd_lightning.module.load_causal_lm", refuse)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    """The tiny models' tokenizer, loaded as the DataModule loads it."""
+    from trd_lightning.hf import load_tokenizer
+
+    return load_tokenizer(tiny["student"])

@@ -84,3 +84,15 @@ def build_run(tiny: dict, root, model: dict | None = None, data: dict | None = N
     )
     datamodule = OnPolicyDataModule(**data_options(tiny, data, model_kw["student"]))
     return trainer, DistillationModule(**model_kw), datamodule
+
+
+def fit_one_step(make_run, model: dict | None = None, data: dict | None = None) -> None:
+    """One step of a tiny run with these overrides (what input checks are tested through)."""
+    trainer, module, datamodule = make_run(model=model, data=data, max_steps=1)
+    trainer.fit(module, datamodule)
+
+
+def chat_ids(tok, text: str, **kwargs) -> list[int]:
+    """A user turn through the chat template, encoded by the tokenizer directly (not through trd_lightning.prompts)."""
+    messages = [{"role": "user", "content": text}]
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)["input_ids"])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import fit_one_step
 
 from trd_lightning import DistillationModule, OnPolicyDataModule
 from trd_lightning.data.options import PromptOptions, RefineOptions, RolloutOptions, ValidationOptions
@@ -15,19 +16,7 @@ from trd_lightning.prompts import STUDENT_TEMPLATE
 POSITIONS = 512
 
 
-@pytest.fixture(autouse=True)
-def no_weights(monkeypatch):
-    """Reaching the weight loader is a failure here: every check must run on configs and data alone."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights loaded")
-
-    monkeypatch.setattr("trd_lightning.module.load_causal_lm", refuse)
-
-
-def fit(make_run, model=None, data=None):
-    trainer, module, datamodule = make_run(model=model, data=data, max_steps=1)
-    trainer.fit(module, datamodule)
+pytestmark = pytest.mark.usefixtures("no_weights")
 
 
 def vocab_size(path: str) -> int:
@@ -45,7 +34,7 @@ def test_valid_inputs_reach_the_weight_loader(make_run, tiny, tmp_path):
     """The control for every case below: with good inputs the run gets as far as loading weights, so the
     ValueErrors below come from the bad input and not from something else that is broken."""
     with pytest.raises(AssertionError, match="weights loaded"):
-        fit(make_run)
+        fit_one_step(make_run)
 
 
 # ------------------------------------------------------------------ models
@@ -53,14 +42,14 @@ def test_valid_inputs_reach_the_weight_loader(make_run, tiny, tmp_path):
 
 def test_vocabulary_mismatch(make_run, tiny, tmp_path):
     with pytest.raises(ValueError, match="pick a teacher that shares the student's tokenizer and vocabulary size"):
-        fit(make_run, model={"teacher": tiny["other_vocab"]})
+        fit_one_step(make_run, model={"teacher": tiny["other_vocab"]})
 
 
 def test_vocabulary_mismatch_names_both_sizes(make_run, tiny, tmp_path):
     student, teacher = vocab_size(tiny["student"]), vocab_size(tiny["other_vocab"])
     assert student != teacher  # otherwise the fixture does not exercise the check
     with pytest.raises(ValueError) as err:
-        fit(make_run, model={"teacher": tiny["other_vocab"]})
+        fit_one_step(make_run, model={"teacher": tiny["other_vocab"]})
     message = str(err.value)
     assert f"vocabulary of {student}" in message
     assert f"one of {teacher}" in message
@@ -85,7 +74,7 @@ def test_frozen_teacher_needs_a_teacher():
 
 def test_shared_teacher_with_prompt_context(make_run, tiny, tmp_path):
     with pytest.raises(ValueError, match=r"set data\.teacher_context: privileged"):
-        fit(make_run, model={"teacher": None, "teacher_kind": "shared"}, data={"teacher_context": "prompt"})
+        fit_one_step(make_run, model={"teacher": None, "teacher_kind": "shared"}, data={"teacher_context": "prompt"})
 
 
 @pytest.mark.parametrize(("batch", "generations", "micro"), [(4, 1, 3), (4, 2, 3), (3, 1, 2)])
@@ -94,18 +83,18 @@ def test_micro_batch_must_divide_the_rollouts(make_run, tiny, tmp_path, batch, g
     match = rf"micro_batch_size={micro} does not divide the {rollouts} rollouts.*pick a divisor"
     with pytest.raises(ValueError, match=match):
         data = {"batch_size": batch, "rollout": {"num_generations": generations}}
-        fit(make_run, model={"micro_batch_size": micro}, data=data)
+        fit_one_step(make_run, model={"micro_batch_size": micro}, data=data)
 
 
 def test_micro_batch_dividing_the_rollouts_is_accepted(make_run, tiny, tmp_path):
     # Micro-batches split rollouts, not prompts: 2 divides the 3 x 2 = 6 rollouts though not the 3 prompts.
     with pytest.raises(AssertionError, match="weights loaded"):
-        fit(make_run, model={"micro_batch_size": 2}, data={"batch_size": 3, "rollout": {"num_generations": 2}})
+        fit_one_step(make_run, model={"micro_batch_size": 2}, data={"batch_size": 3, "rollout": {"num_generations": 2}})
 
 
 def test_a_token_budget_needs_no_dividing_micro_batch(make_run, tiny, tmp_path):
     with pytest.raises(AssertionError, match="weights loaded"):
-        fit(make_run, model={"micro_batch_size": 3, "micro_batch_tokens": 256}, data={"batch_size": 4})
+        fit_one_step(make_run, model={"micro_batch_size": 3, "micro_batch_tokens": 256}, data={"batch_size": 4})
 
 
 # ------------------------------------------------------------------ lengths
@@ -131,19 +120,19 @@ def longest_student_prompt(tiny) -> int:
 def test_prompt_plus_new_tokens_over_the_positions(make_run, tiny, tmp_path):
     longest = longest_student_prompt(tiny)
     with pytest.raises(ValueError, match=rf"\({longest} tokens\).*lower data\.rollout\.max_new_tokens"):
-        fit(make_run, data={"rollout": {"max_new_tokens": POSITIONS - longest + 1}})
+        fit_one_step(make_run, data={"rollout": {"max_new_tokens": POSITIONS - longest + 1}})
 
 
 def test_prompt_plus_new_tokens_exactly_at_the_positions(make_run, tiny, tmp_path):
     # The boundary: a sequence that fills every position exactly is allowed.
     longest = longest_student_prompt(tiny)
     with pytest.raises(AssertionError, match="weights loaded"):
-        fit(make_run, data={"rollout": {"max_new_tokens": POSITIONS - longest}})
+        fit_one_step(make_run, data={"rollout": {"max_new_tokens": POSITIONS - longest}})
 
 
 def test_every_prompt_too_long(make_run, tiny, tmp_path):
     with pytest.raises(ValueError, match=r"max_prompt_length=3 tokens: raise data\.max_prompt_length"):
-        fit(make_run, data={"prompt": {"max_prompt_length": 3}})
+        fit_one_step(make_run, data={"prompt": {"max_prompt_length": 3}})
 
 
 # ------------------------------------------------------------------ data
@@ -152,7 +141,7 @@ def test_every_prompt_too_long(make_run, tiny, tmp_path):
 def test_unknown_problem_column(make_run, tiny, tmp_path):
     match = r"problem_column='question'.*'problem', 'solution', 'answer'.*set the column names"
     with pytest.raises(ValueError, match=match):
-        fit(make_run, data={"problem_column": "question"})
+        fit_one_step(make_run, data={"problem_column": "question"})
 
 
 def test_privileged_context_without_solution_column():
@@ -165,7 +154,7 @@ def test_privileged_context_on_a_file_without_solutions(make_run, tiny, tmp_path
     rows = [{"problem": r["problem"], "answer": r["answer"]} for r in read_jsonl(tiny["train"])[:8]]
     file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(ValueError, match=r"solution_column='solution'.*set the column names"):
-        fit(
+        fit_one_step(
             make_run,
             model={"teacher": None, "teacher_kind": "shared"},
             data={"train_data": str(file), "teacher_context": "privileged"},
@@ -178,14 +167,14 @@ def test_prompt_context_on_a_file_without_solutions_is_accepted(make_run, tiny, 
     rows = [{"problem": r["problem"], "answer": r["answer"]} for r in read_jsonl(tiny["train"])[:8]]
     file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(AssertionError, match="weights loaded"):
-        fit(make_run, data={"train_data": str(file)})
+        fit_one_step(make_run, data={"train_data": str(file)})
 
 
 def test_empty_dataset(make_run, tiny, tmp_path):
     file = tmp_path / "empty.csv"
     file.write_text("problem,solution,answer\n")
     with pytest.raises(ValueError, match="empty"):
-        fit(make_run, data={"train_data": str(file)})
+        fit_one_step(make_run, data={"train_data": str(file)})
 
 
 def test_student_template_without_problem_slot():
@@ -196,10 +185,10 @@ def test_student_template_without_problem_slot():
 def test_refine_prompt_over_the_positions(make_run, tiny, tmp_path):
     refine = {"enabled": True, "max_prompt_length": POSITIONS - 11, "max_new_tokens": 12}
     with pytest.raises(ValueError, match=r"\(513 in all\).*lower data\.refine\.max_prompt_length"):
-        fit(make_run, data={"refine": refine})
+        fit_one_step(make_run, data={"refine": refine})
     refine["max_prompt_length"] = POSITIONS - 12
     with pytest.raises(AssertionError, match="weights loaded"):
-        fit(make_run, data={"refine": refine})
+        fit_one_step(make_run, data={"refine": refine})
 
 
 @pytest.mark.parametrize(

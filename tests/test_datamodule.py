@@ -8,24 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import chat_ids
 
 from trd_lightning import prompts
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.data.options import PromptOptions, ValidationOptions
-from trd_lightning.hf import load_tokenizer
 
 NO_VALIDATION = ValidationOptions(split=None)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return load_tokenizer(tiny["student"])
-
-
-def chat_ids(tok, text: str) -> list[int]:
-    """A user turn through the chat template, encoded by the tokenizer directly (not through prompts.py)."""
-    messages = [{"role": "user", "content": text}]
-    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from helpers import chat_ids
 
 from trd_lightning import prompts
-from trd_lightning.hf import load_tokenizer
 
 PRIVILEGED_HEAD = "Here is a reference solution to this problem:\n"
 PRIVILEGED_TAIL = "\n\nNow that you have read the reference solution"
-
-
-@pytest.fixture(scope="module")
-def tok(tiny):
-    return load_tokenizer(tiny["student"])
-
-
-def chat_ids(tok, text: str) -> list[int]:
-    """A user turn through the chat template, encoded by the tokenizer directly (not through prompts.py)."""
-    messages = [{"role": "user", "content": text}]
-    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
 
 
 # ---------------------------------------------------------------- templates

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from helpers import fit_one_step
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from trd_lightning import OnPolicyDataModule
@@ -18,22 +19,6 @@ from trd_lightning.data.demo.world import world_dir
 from trd_lightning.data.options import ValidationOptions
 from trd_lightning.data.sources import load_rows
 from trd_lightning.hf import load_causal_lm, load_config, load_tokenizer
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Reaching the weight loader fails the test: these errors must come from configs and data alone."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights loaded")
-
-    monkeypatch.setattr("trd_lightning.module.load_causal_lm", refuse)
-
-
-def fit(make_run, model=None, data=None):
-    trainer, module, datamodule = make_run(model=model, data=data, max_steps=1)
-    trainer.fit(module, datamodule)
-
 
 # ------------------------------------------------------------------ demo names
 
@@ -78,14 +63,14 @@ def test_a_missing_local_model_path_says_so(make_run, tiny, tmp_path, no_weights
         monkeypatch.chdir(tmp_path)
         missing = "runs/student"  # a valid hub id too: the existing `runs` folder says it was meant locally
     with pytest.raises(FileNotFoundError, match=rf"Model path '{missing}' does not exist") as err:
-        fit(make_run, model={"student": missing})
+        fit_one_step(make_run, model={"student": missing})
     assert "Repo id" not in str(err.value) and "huggingface.co" not in str(err.value)
 
 
 def test_a_missing_teacher_path_says_so(make_run, tiny, tmp_path, no_weights):
     missing = str(tmp_path / "teacher")
     with pytest.raises(FileNotFoundError, match=rf"Model path '{missing}' does not exist"):
-        fit(make_run, model={"teacher": missing})
+        fit_one_step(make_run, model={"teacher": missing})
 
 
 def test_a_hub_id_is_left_to_the_hub():
@@ -112,7 +97,7 @@ def test_jsonl_with_a_bad_line_names_the_file_and_the_line(make_run, tiny, tmp_p
     lines[3] = lines[3][:-5]  # cut off the closing quote and brace
     path = write_jsonl(tmp_path / "train.jsonl", lines)
     with pytest.raises(ValueError, match=rf"Dataset file {path} could not be read: line 4, column \d+"):
-        fit(make_run, data={"train_data": path})
+        fit_one_step(make_run, data={"train_data": path})
 
 
 def test_jsonl_line_that_is_not_an_object(make_run, tiny, tmp_path, no_weights):
@@ -120,7 +105,7 @@ def test_jsonl_line_that_is_not_an_object(make_run, tiny, tmp_path, no_weights):
     lines.insert(2, "[1, 2, 3]")
     path = write_jsonl(tmp_path / "train.jsonl", lines)
     with pytest.raises(ValueError, match=r"line 3 is a JSON list, not an object"):
-        fit(make_run, data={"train_data": path})
+        fit_one_step(make_run, data={"train_data": path})
 
 
 def test_broken_json_document_names_its_line(make_run, tiny, tmp_path, no_weights):
@@ -129,7 +114,7 @@ def test_broken_json_document_names_its_line(make_run, tiny, tmp_path, no_weight
     path.write_text(text[: len(text) // 2])  # a document cut in the middle
     expected_line = text[: len(text) // 2].count("\n") + 1
     with pytest.raises(ValueError, match=rf"{path} could not be read: line {expected_line}, column \d+"):
-        fit(make_run, data={"train_data": str(path)})
+        fit_one_step(make_run, data={"train_data": str(path)})
 
 
 def test_csv_with_a_ragged_row_names_its_line(make_run, tiny, tmp_path, no_weights):
@@ -139,14 +124,14 @@ def test_csv_with_a_ragged_row_names_its_line(make_run, tiny, tmp_path, no_weigh
     with open(path, "w", newline="") as handle:
         csv.writer(handle).writerows(records)
     with pytest.raises(ValueError, match=rf"{path} could not be read: line 6 has 4 fields, the header has 3"):
-        fit(make_run, data={"train_data": str(path)})
+        fit_one_step(make_run, data={"train_data": str(path)})
 
 
 def test_file_that_is_not_parquet(make_run, tiny, tmp_path, no_weights):
     path = tmp_path / "train.parquet"
     path.write_bytes(b"this is not a parquet file at all")
     with pytest.raises(ValueError, match=rf"{path} could not be read: not a readable parquet file"):
-        fit(make_run, data={"train_data": str(path)})
+        fit_one_step(make_run, data={"train_data": str(path)})
 
 
 def test_good_files_of_each_kind_still_reach_the_weight_loader(make_run, tiny, tmp_path, no_weights):
@@ -159,7 +144,7 @@ def test_good_files_of_each_kind_still_reach_the_weight_loader(make_run, tiny, t
             suffix, Dataset.from_list(GOOD).to_parquet
         )(str(path))
         with pytest.raises(AssertionError, match="weights loaded"):
-            fit(make_run, data={"train_data": str(path), "batch_size": 2}, model={"micro_batch_size": 2})
+            fit_one_step(make_run, data={"train_data": str(path), "batch_size": 2}, model={"micro_batch_size": 2})
 
 
 # ------------------------------------------------------------------ answer pattern
