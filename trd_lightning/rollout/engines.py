@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
-from trd_lightning.hf import last_hidden, output_head
+from trd_lightning.hf import last_hidden, output_head, position_ids
 from trd_lightning.losses import token_logprobs
 from trd_lightning.rollout.batch import Prompts, Rollouts, response_rows
 from trd_lightning.rollout.sampling import SamplingConfig, cut_at_eos, draw, filtered_logprobs
@@ -217,7 +217,7 @@ def _native(model, prompts: Prompts, sampling: SamplingConfig, u, eos_ids: list[
 
     batch, device = prompts.ids.shape[0], prompts.ids.device
     mask = prompts.mask.long()
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    position = position_ids(mask)
     cache = DynamicCache(config=model.config)
     cache_kwarg = _cache_kwarg(model)
     out = model(
