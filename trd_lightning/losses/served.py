@@ -41,6 +41,8 @@ def served_topk_divergence(
     # In float64: the tail mass is a difference of numbers near 1 when the top-k holds nearly everything.
     mass = t_top.double().exp().sum(-1, keepdim=True)
     t_tail = torch.log((1.0 - mass).clamp(min=0.0)).float()
+    # A support of the whole vocabulary leaves no tail: what 1 - mass holds then is rounding, not mass.
+    t_tail = t_tail.masked_fill(in_support.all(-1, keepdim=True), float("-inf"))
     return divergence_from_logprobs(torch.cat([s_top, s_tail], -1), torch.cat([t_top, t_tail], -1), beta)
 
 
@@ -54,6 +56,8 @@ def served_token_statistics(
     top = teacher_logprobs.float()
     p = top.exp()
     tail = (1.0 - p.double().sum(-1)).clamp(min=0.0).float()
+    if top.shape[-1] >= student_logits.shape[-1]:  # the whole vocabulary: no tail, only rounding
+        tail = torch.zeros_like(tail)
     entropy = -(p * top).sum(-1) - torch.xlogy(tail, tail)
     probs = p.sort(-1, descending=True).values
     second = probs[:, 1] if probs.shape[-1] > 1 else torch.zeros_like(probs[:, 0])

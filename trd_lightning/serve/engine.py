@@ -70,6 +70,7 @@ class BatchingWorker:
     def __init__(self, engine: LocalEngine, max_rows: int, wait: float = 0.005, chunk_size: int = 1024) -> None:
         self.engine, self.max_rows, self.wait, self.chunk_size = engine, max_rows, wait, chunk_size
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.batches = 0  # batches run so far
         self.thread = threading.Thread(target=self._loop, name="trd-serve-worker", daemon=True)
         self.thread.start()
 
@@ -97,6 +98,7 @@ class BatchingWorker:
                     break
                 batch.append(job)
                 rows += len(job.prompts)
+            self.batches += 1
             try:
                 results = self.run(batch)
             except Exception as error:  # the requests of a failed batch get the error; the worker goes on
