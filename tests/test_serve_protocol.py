@@ -204,3 +204,22 @@ def test_a_service_that_is_not_up_is_named_before_any_weights_load(tiny, tmp_pat
     with pytest.raises(ServiceError, match=f"No service answers at {url} \\(data.refine.url\\)"):
         trainer.fit(module, data)
     assert module.student is None
+
+
+def test_the_served_overlays_set_the_addresses_on_their_bases():
+    from trd_lightning.cli import cli_main
+
+    folder = Path(__file__).parents[1] / "configs"
+    on_cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+
+    def load(*names: str):
+        return cli_main([arg for n in names for arg in ("--config", str(folder / n))] + on_cpu, run=False)
+
+    demo = load("demo.yaml", "trd.yaml", "demo_trd_served.yaml")
+    assert demo.datamodule.refine.enabled and demo.datamodule.refine.url == "http://127.0.0.1:8000"
+    assert demo.datamodule.refine.service == ServiceOptions(timeout=120.0)
+    assert demo.model.hparams.teacher_url is None  # the demo scores with its in-process teacher
+    qwen = load("qwen3_opd.yaml", "trd.yaml", "qwen3_trd_opd_served.yaml")
+    assert qwen.model.hparams.teacher_url == qwen.datamodule.refine.url == "http://localhost:8000"
+    assert qwen.model.hparams.loss == "topk" and qwen.model.hparams.loss_top_k == 64
+    assert qwen.model.teacher_service.max_concurrency == 64 and qwen.model.student is None

@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-batch-rows", type=int, default=64, help="the most rows run at once (requests batch)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the first request waits for others")
+    p.add_argument("--batch-wait-ms", type=float, default=50.0, help="a batch runs once no request came for this long")
     p.add_argument(
         "--max-logprobs", type=int, default=20, help="the largest logprobs / prompt_logprobs a request may ask"
     )

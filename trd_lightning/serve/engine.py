@@ -63,11 +63,11 @@ class BatchingWorker:
     Args:
         engine: in-process generation from the served model (its ``options.max_rows`` caps the rows run at once).
         max_rows: the most rows gathered into one batch.
-        wait: seconds to wait for more jobs after the first one arrives.
+        wait: seconds without a new job after which a batch runs (at most ``20 * wait`` after its first job).
         chunk_size: positions per output-head chunk when scoring.
     """
 
-    def __init__(self, engine: LocalEngine, max_rows: int, wait: float = 0.005, chunk_size: int = 1024) -> None:
+    def __init__(self, engine: LocalEngine, max_rows: int, wait: float = 0.05, chunk_size: int = 1024) -> None:
         self.engine, self.max_rows, self.wait, self.chunk_size = engine, max_rows, wait, chunk_size
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0  # batches run so far
@@ -87,10 +87,13 @@ class BatchingWorker:
             first = self.jobs.get()
             if first is None:
                 return
-            batch, rows, deadline = [first], len(first.prompts), time.monotonic() + self.wait
+            # Gather until no job came for ``wait`` seconds (a step's requests arrive over some milliseconds), at
+            # most ``20 * wait`` in all, or until the batch is full.
+            batch, rows = [first], len(first.prompts)
+            last = time.monotonic() + 20 * self.wait
             while rows < self.max_rows:
                 try:
-                    job = self.jobs.get(timeout=max(deadline - time.monotonic(), 0))
+                    job = self.jobs.get(timeout=max(min(self.wait, last - time.monotonic()), 0))
                 except queue.Empty:
                     break
                 if job is None:

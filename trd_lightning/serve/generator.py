@@ -38,7 +38,7 @@ class ServedEngine:
     def check(self, tokenizer) -> None:
         """The start checks (``ServiceClient.check``), then the probe's reply read as a rewrite is read."""
         sampling = SamplingConfig(max_new_tokens=1, temperature=0.0)
-        _, reply = self.client.check(tokenizer, self.vocab_size, self._body([0], sampling, 0))
+        _, reply = self.client.check(tokenizer, self.vocab_size, self._body([[0]], sampling, 0))
         self._read(reply["choices"][0], 1)
 
     def generate(self, prompts: Prompts, sampling: SamplingConfig, seeds: Sequence[int]) -> Rollouts:
@@ -48,8 +48,11 @@ class ServedEngine:
         if not len(prompts):
             empty = prompts.ids.new_zeros((0, 0))
             return Rollouts(empty, empty.bool(), empty.new_zeros(0).bool(), empty.float())
-        bodies = [self._body(row, sampling, seed) for row, seed in zip(prompts.lists(), seeds)]
-        rows = self.client.map(self._generate_row, bodies)
+        lists = prompts.lists()
+        # A request has one seed: sampled rows go one per request, greedy ones (no seed to tell) share requests.
+        size = self.client.options.rows_per_request if sampling.greedy else 1
+        bodies = [self._body(lists[i : i + size], sampling, seeds[i]) for i in range(0, len(lists), size)]
+        rows = [row for part in self.client.map(self._generate_rows, bodies) for row in part]
         width = max(len(ids) for ids, _, _ in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
@@ -78,9 +81,9 @@ class ServedEngine:
             out[i, : len(values)] = torch.tensor(values)
         return out.to(mask.device)
 
-    def _body(self, row: list[int], sampling: SamplingConfig, seed: int) -> dict:
+    def _body(self, rows: list[list[int]], sampling: SamplingConfig, seed: int) -> dict:
         return {
-            "prompt": row,
+            "prompt": rows,
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -91,8 +94,8 @@ class ServedEngine:
             "return_token_ids": True,
         }
 
-    def _generate_row(self, body: dict) -> tuple[list[int], list[float], bool]:
-        return self._read(self.client.complete(body)["choices"][0], body["max_tokens"])
+    def _generate_rows(self, body: dict) -> list[tuple[list[int], list[float], bool]]:
+        return [self._read(choice, body["max_tokens"]) for choice in self.client.complete(body)["choices"]]
 
     def _read(self, choice: dict, max_tokens: int) -> tuple[list[int], list[float], bool]:
         """(ids, their log-probs, truncated) of one choice; a response stops at an end token or at ``max_tokens``."""

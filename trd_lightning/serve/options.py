@@ -21,12 +21,15 @@ class ServiceOptions:
             an exponential backoff; then the run stops with a checkpoint.
         backoff: seconds before the first retry; every next retry waits twice as long as the one before.
         max_concurrency: requests in flight at once from one process (the server batches concurrent requests).
+        rows_per_request: rows one request carries where no seed tells them apart (greedy rewrites, teacher
+            scores); a sampled rewrite goes alone, with its row's seed (a request has one seed).
     """
 
     timeout: float = 600.0
     retries: int = 4
     backoff: float = 2.0
     max_concurrency: int = 32
+    rows_per_request: int = 8
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -35,6 +38,8 @@ class ServiceOptions:
             raise ValueError(f"service retries must be >= 0, got {self.retries}.")
         if self.backoff < 0:
             raise ValueError(f"service backoff must be >= 0 seconds, got {self.backoff}.")
+        if self.rows_per_request < 1:
+            raise ValueError(f"service rows_per_request must be at least 1, got {self.rows_per_request}.")
         if self.max_concurrency < 1:
             raise ValueError(f"service max_concurrency must be at least 1, got {self.max_concurrency}.")
 

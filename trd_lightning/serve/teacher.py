@@ -59,7 +59,7 @@ class ServedTeacher:
 
     def check(self, tokenizer) -> None:
         """The start checks, with a probe that asks ``prompt_logprobs: k`` (the server must allow that many)."""
-        prompt, reply = self.client.check(tokenizer, self.vocab_size, self._body([0]))
+        prompt, reply = self.client.check(tokenizer, self.vocab_size, self._body([[0]]))
         prompt_scores(self.client, reply["choices"][0], prompt, 1, self.k, self.vocab_size)
 
     def scores(self, seqs: Sequences) -> TeacherScores:
@@ -67,28 +67,32 @@ class ServedTeacher:
         mask = seqs.response_mask.bool()
         rows = [ids[m.bool()].tolist() for ids, m in zip(seqs.teacher_ids, seqs.teacher_mask)]
         tails = mask.sum(-1).tolist()
+        todo = [i for i in range(len(rows)) if tails[i]]
+        if any(len(rows[i]) <= tails[i] for i in todo):
+            raise ValueError("A teacher row has no context before its response: nothing predicts its first token.")
+        size = self.client.options.rows_per_request
+        groups = [todo[s : s + size] for s in range(0, len(todo), size)]
 
-        def score(i: int):
-            if not tails[i]:
-                return [], [], []
-            if len(rows[i]) <= tails[i]:
-                raise ValueError("A teacher row has no context before its response: nothing predicts its first token.")
-            choice = self.client.complete(self._body(rows[i]))["choices"][0]
-            return prompt_scores(self.client, choice, rows[i], tails[i], self.k, self.vocab_size)
+        def score(group: list[int]) -> list:
+            choices = self.client.complete(self._body([rows[i] for i in group]))["choices"]
+            return [
+                prompt_scores(self.client, c, rows[i], tails[i], self.k, self.vocab_size)
+                for i, c in zip(group, choices)
+            ]
 
         shape = (*mask.shape, self.k)
         ids = torch.zeros(shape, dtype=torch.long)
         logprobs = torch.zeros(shape, dtype=torch.float32)
         own = torch.zeros(mask.shape, dtype=torch.float32)
-        for i, (top_ids, top_lp, token_lp) in enumerate(self.client.map(score, list(range(len(rows))))):
-            if token_lp:
-                ids[i, : len(token_lp)] = torch.tensor(top_ids)
-                logprobs[i, : len(token_lp)] = torch.tensor(top_lp)
-                own[i, : len(token_lp)] = torch.tensor(token_lp)
+        for group, results in zip(groups, self.client.map(score, groups)):
+            for i, (top_ids, top_lp, token_lp) in zip(group, results):
+                ids[i, : tails[i]] = torch.tensor(top_ids)
+                logprobs[i, : tails[i]] = torch.tensor(top_lp)
+                own[i, : tails[i]] = torch.tensor(token_lp)
         device = mask.device
         return TeacherScores(ids.to(device), logprobs.to(device), own.to(device))
 
-    def _body(self, prompt: list[int]) -> dict:
+    def _body(self, prompt: list[list[int]]) -> dict:
         # One greedy token is generated alongside (vLLM generates at least one); only the prompt's scores are read.
         return {"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": self.k}
 
