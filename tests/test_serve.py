@@ -16,6 +16,7 @@ from helpers import KeepBatch, Recorder, make_run
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from trd_lightning import DistillationModule
 from trd_lightning.hf import load_causal_lm, load_tokenizer
 from trd_lightning.rollout.batch import Prompts
 from trd_lightning.rollout.engines import EngineOptions, LocalEngine, end_token_ids
@@ -24,6 +25,7 @@ from trd_lightning.rollout.seeds import derive_seed
 from trd_lightning.serve import ServiceError, ServiceOptions
 from trd_lightning.serve.engine import BatchingWorker, Job
 from trd_lightning.serve.generator import ServedEngine
+from trd_lightning.serve.teacher import connect_teacher
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "vllm_completion.json").read_text())
 QUICK = ServiceOptions(timeout=120, retries=1, backoff=0.5)
@@ -185,6 +187,34 @@ def test_the_served_teachers_loss_equals_the_in_process_one(servers, tiny, tmp_p
         assert rec.losses[step] == pytest.approx(local_losses[step], rel=1e-5, abs=0)
     if refined:
         assert_same_rewrites(keep.batches, local)
+
+
+def test_the_monitors_protocol_works_with_a_served_teacher(servers, tiny, tmp_path):
+    """``sequence_token_losses`` and ``token_statistics`` (what the fragmentation and prefix monitors call) fetch the
+    view's scores from the service: the losses equal the in-process ones, the teacher's top-1, top-2 and token
+    log-prob are exact, and KL and entropy over the top-k and a tail bin bound the full-vocabulary ones from below."""
+    keep = KeepBatch()
+    trainer, module, dm = make_run(tiny, tmp_path, model={"teacher": TEACHER}, callbacks=[keep], max_steps=1)
+    trainer.fit(module, dm)
+    view = keep.batches[0].produced.train
+    settings = {"student": tiny["student"], "teacher": TEACHER, "loss": "topk", "loss_top_k": 8}
+    local = DistillationModule(**settings)
+    served = DistillationModule(**settings, teacher_url=servers["teacher"].url, teacher_service=QUICK)
+    served.served_teacher = connect_teacher(served.hparams, QUICK, len(load_tokenizer(tiny["student"])))
+    for m in (local, served):
+        m.configure_model()
+    assert served.teacher is None
+    with torch.no_grad():
+        got, mask = served.sequence_token_losses(view, slice(0, 3))
+        want, _ = local.sequence_token_losses(view, slice(0, 3))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got, mask = served.token_statistics(view, slice(0, 4))
+    want, _ = local.token_statistics(view, slice(0, 4))
+    for name in ("teacher_top1", "teacher_top2", "teacher_token_logprob"):
+        torch.testing.assert_close(got[name][mask], want[name][mask], atol=1e-5, rtol=1e-5, msg=name)
+    for name in ("kl", "teacher_entropy"):
+        assert bool((got[name][mask] <= want[name][mask] + 1e-5).all()), name
+    assert bool((got["kl"][mask] > 0).all())
 
 
 def test_trd_opd_with_a_served_teacher_needs_a_served_refiner(servers, tiny, tmp_path):
