@@ -89,8 +89,11 @@ def test_a_row_depends_only_on_its_prompt_and_seed(servers, tiny):
     rows = [tok(f"{a} + {a + 3} =")["input_ids"] for a in range(6)]
     prompts, seeds = Prompts.from_lists(rows, tok.pad_token_id), [derive_seed(7, 1, "refine", i) for i in range(6)]
     sampling = SamplingConfig(max_new_tokens=10, temperature=0.8, top_p=0.9, top_k=40)
-    served = ServedEngine(servers["teacher"].url, QUICK, tok.pad_token_id, len(tok)).generate(prompts, sampling, seeds)
+    engine = ServedEngine(servers["teacher"].url, QUICK, tok.pad_token_id, len(tok))
+    served = engine.generate(prompts, sampling, seeds)
     expected = local.generate(prompts, sampling, seeds)
+    # Scoring given responses (the protocol's other half) through prompt_logprobs: the in-process log-probs.
+    torch.testing.assert_close(engine.logprobs(prompts, expected), local.logprobs(prompts, expected), atol=1e-5, rtol=0)
     assert served.lists() == expected.lists() and len({tuple(r) for r in served.lists()}) > 1
     torch.testing.assert_close(served.logprobs, expected.logprobs, atol=1e-5, rtol=0)
     assert torch.equal(served.truncated, expected.truncated)
