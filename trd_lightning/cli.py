@@ -43,6 +43,7 @@ SUBCOMMANDS = {
 # help). Adding one is one line here.
 EXTRA_SUBCOMMANDS = {
     "refine": ("trd_lightning.cli:refine", "Write one offline TRD refinement round (parquet shards) from a config."),
+    "serve": ("trd_lightning.serve.cli:main", "Serve a frozen teacher or refiner (vLLM's completions API subset)."),
 }
 
 # Lightning 2.6.6 builds torch's LeafSpec, which torch 2.13 deprecates, each time a loop wraps its DataLoader:

@@ -18,6 +18,8 @@ from trd_lightning.lora import LoraOptions, apply_lora
 from trd_lightning.objective import LossName, Objective, grid, micro_batches
 from trd_lightning.optim import warmup_cosine
 from trd_lightning.rollout.batch import PromptBatch, RolloutModels, Sequences, StepInfo
+from trd_lightning.serve.checkpoint import service_callbacks
+from trd_lightning.serve.options import ServiceOptions, check_served_teacher, check_url
 from trd_lightning.teacher import (
     SharedWeights,
     TeacherKind,
@@ -87,6 +89,10 @@ class DistillationModule(L.LightningModule):
         max_grad_norm: gradient clipping by global norm; None turns it off.
         gradient_checkpointing: recompute the student's activations in backward to save memory.
         trust_remote_code: allow models with custom code from the hub.
+        teacher_url: the address of a served teacher (``trd serve``, or vLLM: see the README); its top-k scores
+            replace an in-process teacher, whose weights are then not loaded (``loss: topk`` or ``sampled_token``,
+            ``loss_temperature: 1``). TRD-OPD then refines with the service too (``data.refine.url``).
+        teacher_service: timeout, retries, backoff and concurrency of the served teacher's requests.
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class DistillationModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        teacher_url: str | None = None,
+        teacher_service: ServiceOptions = ServiceOptions(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -129,7 +137,10 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"model.beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {beta}.")
         if loss_temperature <= 0:
             raise ValueError(f"model.loss_temperature must be > 0, got {loss_temperature}.")
-        if teacher_kind == "frozen" and not teacher:
+        check_url(teacher_url, "model.teacher_url")
+        if teacher_url:
+            check_served_teacher(teacher_kind, loss, loss_temperature, loss_top_k_support)
+        elif teacher_kind == "frozen" and not teacher:
             raise ValueError("teacher_kind: frozen needs model.teacher, the name or path of the teacher model.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}.")
@@ -152,9 +163,11 @@ class DistillationModule(L.LightningModule):
             topd, topd_threshold, topd_window, topd_discount, loss_chunk_size, loss_implementation,
         )  # fmt: skip
         self.lora_options = lora  # typed: under LightningCLI ``hparams.lora`` is the config's plain dict
+        self.teacher_service = teacher_service
         self.automatic_optimization = False
         self.student: torch.nn.Module | None = None
         self.teacher: torch.nn.Module | None = None
+        self.served_teacher = None  # connected in setup when model.teacher_url is set
         self.val_metrics = EvalMetrics("val", 1)  # k is the DataModule's validation.samples, known in setup
         self.test_metrics = EvalMetrics("test", 1)
         self._produce_seconds = 0.0
@@ -164,7 +177,11 @@ class DistillationModule(L.LightningModule):
         """Check the inputs against each other before any weights are loaded."""
         hp = self.hparams
         student_cfg = load_config(hp.student, hp.trust_remote_code)
-        if hp.teacher_kind == "frozen":
+        if hp.teacher_url and self.served_teacher is None:  # up, same tokenizer and vocabulary: before any weights
+            from trd_lightning.serve.teacher import connect_teacher  # the serve extra, needed only here
+
+            self.served_teacher = connect_teacher(hp, self.teacher_service, student_cfg.vocab_size)
+        elif hp.teacher_kind == "frozen" and not hp.teacher_url:
             teacher_cfg = load_config(hp.teacher, hp.trust_remote_code)
             check_vocabularies(hp.student, student_cfg.vocab_size, hp.teacher, teacher_cfg.vocab_size)
         data = getattr(self.trainer, "datamodule", None)
@@ -172,6 +189,8 @@ class DistillationModule(L.LightningModule):
             spec = data.spec()
             micro = None if hp.micro_batch_tokens else hp.micro_batch_size
             check_against_data(hp.teacher_kind, micro, spec, getattr(student_cfg, "max_position_embeddings", None))
+            if hp.teacher_url and getattr(data, "refines_in_process", False):
+                self._not_served("refines with it in-process: set data.refine.url to a service of the teacher")
             self.val_metrics = EvalMetrics("val", spec.validation_samples)
             self.test_metrics = EvalMetrics("test", spec.validation_samples)
 
@@ -187,7 +206,7 @@ class DistillationModule(L.LightningModule):
         if self.lora_options is not None:
             student = apply_lora(student, self.lora_options)
         self.student = student.train()  # from_pretrained returns eval mode
-        if hp.teacher_kind == "frozen":
+        if hp.teacher_kind == "frozen" and not hp.teacher_url:
             self.teacher = freeze(load_causal_lm(hp.teacher, hp.dtype, hp.trust_remote_code))
         elif needs_copy(hp.teacher_kind, hp.shared_weights, student):
             self.teacher = frozen_copy(student)
@@ -197,15 +216,27 @@ class DistillationModule(L.LightningModule):
 
     def scorer(self):
         """Context manager giving the model that scores as teacher."""
+        self._not_served("scores rollouts in-process (RefinementScheduler mode: divergent); use mode all or incorrect")
         return scorer(self.student, self.teacher, self.hparams.teacher_kind, self.hparams.shared_weights)
 
     def refiner(self):
         """Context manager giving the frozen model that rewrites rollouts (TRD)."""
+        self._not_served("refines with it in-process: set data.refine.url to a service of the teacher")
         return refiner(self.student, self.teacher, self.hparams.teacher_kind, self.hparams.shared_weights)
 
     def rollout_models(self) -> RolloutModels:
         """The narrow handle the rollout side gets: what to sample from, and how to open the scorer and refiner."""
         return RolloutModels(student=self.student, scorer=self.scorer, refiner=self.refiner)
+
+    def _not_served(self, what: str) -> None:
+        if self.hparams.teacher_url:
+            raise ValueError(
+                f"model.teacher_url serves the teacher, which the trainer does not load, but the run {what}."
+            )
+
+    def configure_callbacks(self):
+        """A run with a served teacher or refiner stops with a checkpoint when its service fails for good."""
+        return service_callbacks(self.trainer, bool(self.hparams.teacher_url))
 
     def _step_info(self) -> StepInfo:
         return StepInfo(self.global_step, self.global_rank, self.trainer.world_size)
@@ -227,11 +258,15 @@ class DistillationModule(L.LightningModule):
         # back into the sum, so the step's loss is exactly sum(token losses) / global token count.
         scale = self.trainer.world_size / total
         parts = micro_batches(seqs, self.hparams.micro_batch_size, self.hparams.micro_batch_tokens)
+        # A served teacher scores the whole step at once (concurrent requests); each micro-batch takes its slice.
+        scores = None if self.served_teacher is None else self.served_teacher.scores(seqs)
         token_losses = []
         opt.zero_grad(set_to_none=True)
         for i, rows in enumerate(parts):
             with opt.toggle_model(sync_grad=i == len(parts) - 1):
-                per_token = self.token_losses(seqs.rows(rows))
+                part = seqs.rows(rows)
+                served = () if scores is None else (scores.rows(rows, part.response_ids.shape[1]),)
+                per_token = self.token_losses(part, *served)
                 self.manual_backward(per_token.sum() * scale)
             token_losses.append(per_token.detach())
         grad_norm = None if self.hparams.max_grad_norm is None else self._clip_gradients(opt)
@@ -244,9 +279,12 @@ class DistillationModule(L.LightningModule):
         self._log_step(loss, token_losses, total, grad_norm, time.perf_counter() - start)
         return loss
 
-    def token_losses(self, seqs: Sequences) -> torch.Tensor:
-        """Per-response-token losses of ``seqs`` (student graph attached), in ``response_mask`` order."""
-        return self.objective.token_losses(self.student, self.scorer, seqs)
+    def token_losses(self, seqs: Sequences, scores=None) -> torch.Tensor:
+        """Per-response-token losses of ``seqs`` (student graph attached), in ``response_mask`` order; ``scores``:
+        a served teacher's ``TeacherScores`` of ``seqs`` (fetched here when None)."""
+        if self.served_teacher is not None and scores is None:
+            scores = self.served_teacher.scores(seqs)
+        return self.objective.token_losses(self.student, self.scorer, seqs, scores)
 
     def _clip_gradients(self, opt) -> torch.Tensor:
         """Clip the optimizer's gradients to ``max_grad_norm``; returns their total norm before clipping.
@@ -290,7 +328,8 @@ class DistillationModule(L.LightningModule):
         mask = part.response_mask.bool()
         if mask.shape[0] == 0:
             return {name: torch.zeros(mask.shape, device=mask.device) for name in STAT_COLUMNS}, mask
-        values = self.objective.token_statistics(self.student, self.scorer, part)
+        served = None if self.served_teacher is None else self.served_teacher.scores(part)
+        values = self.objective.token_statistics(self.student, self.scorer, part, served)
         return {name: grid(values[:, i], mask) for i, name in enumerate(STAT_COLUMNS)}, mask
 
     # --------------------------------------------------------------- logging

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from trd_lightning import losses
 from trd_lightning.diagnostics import token_distribution_stats
 from trd_lightning.hf import last_hidden, output_head
 from trd_lightning.rollout.batch import Sequences, response_rows
+
+if TYPE_CHECKING:
+    from trd_lightning.serve.teacher import TeacherScores
 
 LossName = Literal["jsd", "topk", "sampled_token", "pointwise_clip"]
 Implementation = Literal["auto", "checkpointed", "closed_form"]
@@ -44,8 +47,13 @@ class Objective:
     chunk_size: int = 1024
     implementation: Implementation = "auto"
 
-    def token_losses(self, student: nn.Module, scorer: Scorer, seqs: Sequences) -> Tensor:
-        """Per-response-token losses of ``seqs`` (in ``response_mask`` order), the student's graph attached."""
+    def token_losses(
+        self, student: nn.Module, scorer: Scorer, seqs: Sequences, served: TeacherScores | None = None
+    ) -> Tensor:
+        """Per-response-token losses of ``seqs`` (in ``response_mask`` order), the student's graph attached; against
+        a served teacher's top-k scores of ``seqs`` where ``served`` is given (``scorer`` is then not opened)."""
+        if served is not None:
+            return self.served_token_losses(student, seqs, served)
         student_rows, teacher_rows, teacher_head = self.response_hidden(student, scorer, seqs)
         student_head = output_head(student)
         weights = self.closed_form_weights(student_head, teacher_head)
@@ -59,6 +67,30 @@ class Objective:
             per_token = losses.chunked_token_loss(
                 student_rows, teacher_rows, student_head, teacher_head, self.divergence, self.chunk_size
             )
+        return self._token_options(per_token, seqs)
+
+    def served_token_losses(self, student: nn.Module, seqs: Sequences, scores: TeacherScores) -> Tensor:
+        """Per-response-token losses of ``seqs`` against a served teacher's top-k ``scores`` (aligned with the
+        response): ``topk`` on the teacher's support, or ``sampled_token`` from the token's own log-prob."""
+        mask = seqs.response_mask.bool()
+        rows, head = self._student_rows(student, seqs), output_head(student)
+        ids, top_logprobs, token_logprobs = scores.flat(mask)
+        if self.loss == "sampled_token":
+            student_lp = losses.chunked_token_loss(
+                rows, token_logprobs[:, None], head, _identity, _student_token, self.chunk_size, seqs.response_ids[mask]
+            )
+            per_token = losses.sampled_token_loss(student_lp, token_logprobs, seqs.token_behavior_logprobs(student_lp))
+        else:
+            divergence = partial(losses.served_topk_divergence, beta=self.beta, tail=self.top_k_tail)
+            per_token = losses.chunked_token_loss(rows, top_logprobs, head, _identity, divergence, self.chunk_size, ids)
+        return self._token_options(per_token, seqs)
+
+    def _student_rows(self, student: nn.Module, seqs: Sequences) -> Tensor:
+        hidden = last_hidden(student, seqs.student_ids, seqs.student_mask)
+        return response_rows(hidden, seqs.prompt_width, seqs.response_mask)
+
+    def _token_options(self, per_token: Tensor, seqs: Sequences) -> Tensor:
+        """Loss truncation and TOPD weighting, after the divergence."""
         if self.token_clip is not None:
             per_token = losses.kl_token_clip(per_token, self.token_clip)
         if self.topd:
@@ -70,8 +102,18 @@ class Objective:
             per_token = weighted[mask.bool()]
         return per_token
 
-    def token_statistics(self, student: nn.Module, scorer: Scorer, seqs: Sequences) -> Tensor:
-        """[n, 5] per-token statistics (``diagnostics.STAT_COLUMNS``) of the teacher against the student."""
+    def token_statistics(
+        self, student: nn.Module, scorer: Scorer, seqs: Sequences, served: TeacherScores | None = None
+    ) -> Tensor:
+        """[n, 5] per-token statistics (``diagnostics.STAT_COLUMNS``) of the teacher against the student (from
+        ``served`` scores where given: ``losses.served_token_statistics``)."""
+        if served is not None:
+            ids, top_logprobs, token_logprobs = served.flat(seqs.response_mask)
+            rows, head = self._student_rows(student, seqs), output_head(student)
+            stats = losses.served_token_statistics
+            return losses.chunked_token_loss(
+                rows, top_logprobs, head, _identity, stats, self.chunk_size, ids, token_logprobs
+            )
         student_rows, teacher_rows, teacher_head = self.response_hidden(student, scorer, seqs)
         token_ids = seqs.response_ids[seqs.response_mask.bool()]
         return losses.chunked_token_loss(
@@ -87,8 +129,7 @@ class Objective:
     def response_hidden(self, student: nn.Module, scorer: Scorer, seqs: Sequences):
         """Student and teacher hidden states at the response positions of ``seqs``, and the teacher's head."""
         mask = seqs.response_mask
-        hidden = last_hidden(student, seqs.student_ids, seqs.student_mask)
-        student_rows = response_rows(hidden, seqs.prompt_width, mask)
+        student_rows = self._student_rows(student, seqs)
         with torch.no_grad(), scorer() as model:
             teacher_rows = response_rows(
                 last_hidden(model, seqs.teacher_ids, seqs.teacher_mask), seqs.context_width, mask
@@ -192,6 +233,15 @@ def linear_weight(head) -> Tensor:
 def grid(per_token: Tensor, mask: Tensor) -> Tensor:
     """Per-token values laid out as the [B, L] response grid (0 off the mask)."""
     return per_token.new_zeros(mask.shape).masked_scatter(mask.bool(), per_token)
+
+
+def _identity(x: Tensor) -> Tensor:
+    """The "head" of served scores: they arrive as log-probs already."""
+    return x
+
+
+def _student_token(student_logits: Tensor, teacher_scores: Tensor, ids: Tensor) -> Tensor:
+    return losses.token_logprobs(student_logits, ids)
 
 
 def _token_pair(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, temperature: float) -> Tensor:

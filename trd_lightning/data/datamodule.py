@@ -145,6 +145,7 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.longest_prompt = 0
         self.source: RolloutSource | None = None
         self.rewriter: Rewriter | None = None
+        self.served_refiner: Generator | None = None  # connected in setup when data.refine.url is set
         self._skip = 0
 
     # ------------------------------------------------------------------ data
@@ -153,6 +154,10 @@ class OnPolicyDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(hp.tokenizer)
             self._build_stages()
+        if self.refine.url and self.served_refiner is None and self.refines:  # checked before any weights load
+            from trd_lightning.serve.generator import connect_refiner  # the serve extra, needed only here
+
+            self.served_refiner = connect_refiner(self.refine.url, self.refine.service, self.tokenizer, hp.tokenizer)
         if stage == "fit" and self.train_rows is None:
             if self.refine.offline_round:
                 self.train_rows = self._prepare(self.refine.offline_round, "train", offline=True)
@@ -321,8 +326,26 @@ class OnPolicyDataModule(L.LightningDataModule):
 
     @contextlib.contextmanager
     def _refiner(self, models: RolloutModels, step: StepInfo) -> Iterator[Generator]:
+        if self.served_refiner is not None:
+            yield self.served_refiner
+            return
         with models.refiner() as model:
             yield self._engine(model, step)
+
+    @property
+    def refines(self) -> bool:
+        """Whether rewrites are generated (TRD online, not an offline round)."""
+        return self.refine.enabled and not self.refine.offline_round
+
+    @property
+    def serves_refiner(self) -> bool:
+        """Whether a service generates the rewrites (``data.refine.url``)."""
+        return self.refines and bool(self.refine.url)
+
+    @property
+    def refines_in_process(self) -> bool:
+        """Whether the module's refiner generates the rewrites."""
+        return self.refines and not self.refine.url
 
     def _choose(self, rows: PromptBatch, y_o, correct, models: RolloutModels, step: StepInfo) -> list[int]:
         plan, n = self.plan, self.rollout.num_generations

@@ -10,6 +10,7 @@ import torch
 from trd_lightning import prompts as templates
 from trd_lightning.rollout.engines import EngineOptions
 from trd_lightning.rollout.sampling import SamplingConfig
+from trd_lightning.serve.options import ServiceOptions, check_url
 from trd_lightning.verify.sandbox import Limits
 
 Task = Literal["math", "code", "none"]
@@ -120,6 +121,10 @@ class RefineOptions:
             prompt.
         offline_round: train on a round written by ``trd refine`` (a folder of shards) instead of generating: the
             student learns each row's ``y_r``.
+        url: the address of a served refiner (``trd serve``, or vLLM: see the README) that generates the rewrites
+            from the same refine prompts and seeds; None refines in-process. ``trd serve`` draws the tokens
+            in-process refinement draws for a seed; stock vLLM matches them for greedy decoding only.
+        service: timeout, retries, backoff and concurrency of the served refiner's requests.
     """
 
     enabled: bool = False
@@ -132,8 +137,13 @@ class RefineOptions:
     top_k: int = 20
     chat_template_kwargs: dict[str, Any] | None = None
     offline_round: str | None = None
+    url: str | None = None
+    service: ServiceOptions = ServiceOptions()
 
     def __post_init__(self) -> None:
+        check_url(self.url, "data.refine.url")
+        if self.url and self.offline_round:
+            raise ValueError("data.refine.offline_round trains on written rewrites: it needs no data.refine.url.")
         if self.max_prompt_length < 1:
             raise ValueError(f"data.refine.max_prompt_length must be at least 1, got {self.max_prompt_length}.")
         if self.offline_round and not self.enabled:

@@ -18,6 +18,7 @@ from trd_lightning.losses.divergence import (
     token_logprobs,
     topk_divergence,
 )
+from trd_lightning.losses.served import served_token_statistics, served_topk_divergence
 
 __all__ = [
     "chunked_token_loss",
@@ -30,6 +31,8 @@ __all__ = [
     "persistent_divergence_mask",
     "pointwise_clipped_divergence",
     "sampled_token_loss",
+    "served_token_statistics",
+    "served_topk_divergence",
     "token_logprobs",
     "topd_token_loss",
     "topk_divergence",
