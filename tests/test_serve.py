@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import save_model
 from fixtures.serving import Server
-from helpers import KeepBatch, Recorder, make_run
+from helpers import KeepBatch, Recorder
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -121,11 +121,11 @@ def test_the_worker_batches_requests_that_arrive_together(tiny):
         worker.close()
 
 
-def trd_runs(tiny, root, data: dict, model: dict | None = None, steps: int = 2):
+def trd_runs(make_run, root, data: dict, model: dict | None = None, steps: int = 2):
     """(kept batches, losses) of a TRD run (every rollout refined) with ``data`` on top of the tiny defaults."""
     keep, rec = KeepBatch(), Recorder()
     model = {"teacher": TEACHER, **(model or {})}
-    trainer, module, dm = make_run(tiny, root, model=model, data=data, callbacks=[keep, rec], max_steps=steps)
+    trainer, module, dm = make_run(root=root, model=model, data=data, callbacks=[keep, rec], max_steps=steps)
     trainer.fit(module, dm)
     return keep.batches, rec.losses
 
@@ -142,25 +142,25 @@ def assert_same_rewrites(served, local):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_trd_opd_with_a_served_refiner_gives_the_in_process_rewrites(servers, tiny, tmp_path, temperature):
+def test_trd_opd_with_a_served_refiner_gives_the_in_process_rewrites(make_run, servers, tiny, tmp_path, temperature):
     refine = {"enabled": True, "temperature": temperature, "top_p": 0.95, "top_k": 20}
-    local, local_losses = trd_runs(tiny, tmp_path / "local", {"refine": refine})
+    local, local_losses = trd_runs(make_run, tmp_path / "local", {"refine": refine})
     served_refine = {**refine, "url": servers["teacher"].url, "service": QUICK}
-    served, served_losses = trd_runs(tiny, tmp_path / "served", {"refine": served_refine})
+    served, served_losses = trd_runs(make_run, tmp_path / "served", {"refine": served_refine})
     assert_same_rewrites(served, local)
     assert len({t for b in local for t in b.produced.refined_text}) > 1
     assert served_losses == pytest.approx(local_losses, rel=1e-5)
 
 
-def test_trd_opsd_refiner_served_from_the_students_starting_weights(servers, tiny, tmp_path):
+def test_trd_opsd_refiner_served_from_the_students_starting_weights(make_run, servers, tiny, tmp_path):
     """OPSD refines with the initial student shown the reference: ``trd serve --model <student>`` gives the rewrites
     of the in-process frozen initial copy, at every step (the student trains; the served copy never changes)."""
     model = {"teacher_kind": "shared", "shared_weights": "initial"}
     refine = {"enabled": True, "temperature": 0.7, "top_p": 0.95, "top_k": 20}
     data = {"teacher_context": "privileged"}
-    local, local_losses = trd_runs(tiny, tmp_path / "local", {**data, "refine": refine}, model)
+    local, local_losses = trd_runs(make_run, tmp_path / "local", {**data, "refine": refine}, model)
     served_refine = {**refine, "url": servers["student"].url, "service": QUICK}
-    served, served_losses = trd_runs(tiny, tmp_path / "served", {**data, "refine": served_refine}, model)
+    served, served_losses = trd_runs(make_run, tmp_path / "served", {**data, "refine": served_refine}, model)
     assert_same_rewrites(served, local)
     assert served_losses == pytest.approx(local_losses, rel=1e-5)
 
@@ -170,18 +170,18 @@ def test_trd_opsd_refiner_served_from_the_students_starting_weights(servers, tin
     [("topk", False), ("sampled_token", False), ("topk", True)],
     ids=["topk", "sampled_token", "trd_topk"],
 )
-def test_the_served_teachers_loss_equals_the_in_process_one(servers, tiny, tmp_path, loss, refined):
+def test_the_served_teachers_loss_equals_the_in_process_one(make_run, servers, tiny, tmp_path, loss, refined):
     """No teacher weights in the trainer: the step's top-k scores come from the service, and the losses of the
     in-process teacher come out, to 1e-5 (TRD: the same service refines too)."""
     model = {"loss": loss, "loss_top_k": 8, "beta": 0.0}
     refine = {"enabled": True, "temperature": 0.0} if refined else {}
     url = servers["teacher"].url
-    local, local_losses = trd_runs(tiny, tmp_path / "local", {"refine": refine}, model)
+    local, local_losses = trd_runs(make_run, tmp_path / "local", {"refine": refine}, model)
     served_refine = {**refine, "url": url, "service": QUICK} if refined else {}
     keep, rec = KeepBatch(), Recorder()
     served_model = {**model, "teacher_url": url, "teacher_service": QUICK, "micro_batch_size": 2}
     trainer, module, dm = make_run(
-        tiny, tmp_path / "served", model=served_model, data={"refine": served_refine}, callbacks=[keep, rec]
+        root=tmp_path / "served", model=served_model, data={"refine": served_refine}, callbacks=[keep, rec]
     )
     trainer.fit(module, dm)
     assert module.teacher is None and module.served_teacher is not None
@@ -192,12 +192,12 @@ def test_the_served_teachers_loss_equals_the_in_process_one(servers, tiny, tmp_p
         assert_same_rewrites(keep.batches, local)
 
 
-def test_the_monitors_protocol_works_with_a_served_teacher(servers, tiny, tmp_path):
+def test_the_monitors_protocol_works_with_a_served_teacher(make_run, servers, tiny, tmp_path):
     """``sequence_token_losses`` and ``token_statistics`` (what the fragmentation and prefix monitors call) fetch the
     view's scores from the service: the losses equal the in-process ones, the teacher's top-1, top-2 and token
     log-prob are exact, and KL and entropy over the top-k and a tail bin bound the full-vocabulary ones from below."""
     keep = KeepBatch()
-    trainer, module, dm = make_run(tiny, tmp_path, model={"teacher": TEACHER}, callbacks=[keep], max_steps=1)
+    trainer, module, dm = make_run(model={"teacher": TEACHER}, callbacks=[keep], max_steps=1)
     trainer.fit(module, dm)
     view = keep.batches[0].produced.train
     settings = {"student": tiny["student"], "teacher": TEACHER, "loss": "topk", "loss_top_k": 8}
@@ -220,9 +220,9 @@ def test_the_monitors_protocol_works_with_a_served_teacher(servers, tiny, tmp_pa
     assert bool((got["kl"][mask] > 0).all())
 
 
-def test_trd_opd_with_a_served_teacher_needs_a_served_refiner(servers, tiny, tmp_path):
+def test_trd_opd_with_a_served_teacher_needs_a_served_refiner(make_run, servers, tiny, tmp_path):
     model = {"loss": "topk", "loss_top_k": 8, "teacher_url": servers["teacher"].url, "teacher_service": QUICK}
-    trainer, module, data = make_run(tiny, tmp_path, model=model, data={"refine": {"enabled": True}})
+    trainer, module, data = make_run(model=model, data={"refine": {"enabled": True}})
     with pytest.raises(ValueError, match="set data.refine.url to a service of the teacher"):
         trainer.fit(module, data)
     assert module.student is None
@@ -243,22 +243,22 @@ def other_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
 
 
-def test_a_model_with_another_vocabulary_or_tokenizer_is_refused_at_start(servers, tiny, tmp_path):
+def test_a_model_with_another_vocabulary_or_tokenizer_is_refused_at_start(make_run, servers, tiny, tmp_path):
     url = servers["teacher"].url
     refine = {"enabled": True, "url": url, "service": QUICK}
     # The teacher's service against a student whose embedding is 64 rows larger.
     trainer, module, data = make_run(
-        tiny, tmp_path / "a", model={"student": tiny["other_vocab"]}, data={"refine": refine}
+        root=tmp_path / "a", model={"student": tiny["other_vocab"]}, data={"refine": refine}
     )
     with pytest.raises(ServiceError, match="a vocabulary of 512 where the student's has 576"):
         trainer.fit(module, data)
     foreign = save_model(tmp_path / "foreign", other_tokenizer(), seed=4, hidden=16, layers=1, vocab=512)
-    trainer, module, data = make_run(tiny, tmp_path / "b", model={"student": foreign}, data={"refine": refine})
+    trainer, module, data = make_run(root=tmp_path / "b", model={"student": foreign}, data={"refine": refine})
     with pytest.raises(ServiceError, match="with a tokenizer that splits a probe text into"):
         trainer.fit(module, data)
     # The service allows 20 log-probs per position: a teacher asking 32 hears it at start, with the fix.
     model = {"loss": "topk", "loss_top_k": 32, "teacher_url": url, "teacher_service": QUICK}
-    trainer, module, data = make_run(tiny, tmp_path / "c", model=model)
+    trainer, module, data = make_run(root=tmp_path / "c", model=model)
     with pytest.raises(ServiceError, match="larger --max-logprobs"):
         trainer.fit(module, data)
     assert module.student is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 from fixtures.serving import Server
-from helpers import Recorder, make_run
+from helpers import Recorder
 
 from trd_lightning.serve import ServiceError, ServiceFailureCheckpoint, ServiceOptions
 
@@ -22,18 +22,18 @@ class KillAtStep(L.Callback):
             self.server.kill()
 
 
-def test_a_service_killed_mid_run_stops_with_a_checkpoint_that_resumes_to_the_same_losses(tiny, tmp_path):
+def test_a_service_killed_mid_run_stops_with_a_checkpoint_that_resumes_to_the_same_losses(make_run, tiny, tmp_path):
     server = Server(tiny["teacher"], tmp_path / "serve.log").start().wait()
     try:
         service = ServiceOptions(timeout=30, retries=2, backoff=0.2)
         data = {"refine": {"enabled": True, "temperature": 0.7, "url": server.url, "service": service}}
         full = Recorder()
-        trainer, module, dm = make_run(tiny, tmp_path / "full", data=data, callbacks=[full], max_steps=3)
+        trainer, module, dm = make_run(root=tmp_path / "full", data=data, callbacks=[full], max_steps=3)
         trainer.fit(module, dm)
 
         cut = Recorder()
         trainer, module, dm = make_run(
-            tiny, tmp_path / "cut", data=data, callbacks=[cut, KillAtStep(server, 1)], max_steps=3
+            root=tmp_path / "cut", data=data, callbacks=[cut, KillAtStep(server, 1)], max_steps=3
         )
         with pytest.raises(
             ServiceError, match=f"{server.url} \\(data.refine.url\\) failed POST /v1/completions 3 times"
@@ -45,7 +45,7 @@ def test_a_service_killed_mid_run_stops_with_a_checkpoint_that_resumes_to_the_sa
 
         server.start().wait()  # the service is back, on the same address
         resumed = Recorder()
-        trainer, module, dm = make_run(tiny, tmp_path / "resumed", data=data, callbacks=[resumed], max_steps=3)
+        trainer, module, dm = make_run(root=tmp_path / "resumed", data=data, callbacks=[resumed], max_steps=3)
         trainer.fit(module, dm, ckpt_path=str(saver.path))
         assert sorted(resumed.losses) == [2, 3]
         for step in (2, 3):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_run
 
 from trd_lightning import DistillationModule, losses
 from trd_lightning.data.options import RefineOptions
@@ -187,19 +186,19 @@ def test_a_slow_service_times_out_and_is_retried_with_exponential_backoff():
         host.close()
 
 
-def test_a_service_that_is_not_up_is_named_before_any_weights_load(tiny, tmp_path):
+def test_a_service_that_is_not_up_is_named_before_any_weights_load(make_run, tiny, tmp_path):
     port = SilentHost()  # a port nothing serves once closed
     url = port.url
     port.close()
     quick = ServiceOptions(timeout=2, retries=0, backoff=0)
     trainer, module, data = make_run(
-        tiny, tmp_path / "teacher", model={"teacher_url": url, "loss": "topk", "teacher_service": quick}
+        root=tmp_path / "teacher", model={"teacher_url": url, "loss": "topk", "teacher_service": quick}
     )
     with pytest.raises(ServiceError, match=f"No service answers at {url} \\(model.teacher_url\\)"):
         trainer.fit(module, data)
     assert module.student is None  # stopped in setup, before configure_model
     trainer, module, data = make_run(
-        tiny, tmp_path / "refiner", data={"refine": {"enabled": True, "url": url, "service": quick}}
+        root=tmp_path / "refiner", data={"refine": {"enabled": True, "url": url, "service": quick}}
     )
     with pytest.raises(ServiceError, match=f"No service answers at {url} \\(data.refine.url\\)"):
         trainer.fit(module, data)
