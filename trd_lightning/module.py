@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -71,11 +70,18 @@ class DistillationModule(L.LightningModule):
         topd_window: the near-future window, in tokens.
         topd_discount: the discount of the spread weight per token.
         micro_batch_size: sequences per forward/backward; a memory knob only, it must divide the step's rollouts.
-        loss_chunk_size: response positions per loss chunk; bounds the logits held at once.
-        loss_implementation: ``checkpointed`` (any loss: each chunk's loss graph is recomputed in backward),
-            ``closed_form`` (forward KL only, ``loss: jsd`` with ``beta: 0``, bias-free output heads, unsharded:
-            backward applies the known gradient to recomputed logits; faster, and fewer vocabulary-sized tensors)
-            or ``auto``: ``closed_form`` wherever it applies, else ``checkpointed`` (same loss, same gradient).
+        loss_chunk_mib: the loss runs in chunks of response positions, each float32 [positions, vocabulary]
+            tensor of a chunk at most this many MiB (220 positions at 151,936 entries): bounds the logits held
+            at once whatever the vocabulary.
+        loss_chunk_size: positions per loss chunk, overriding ``loss_chunk_mib``; None sizes chunks by it.
+        loss_implementation: ``checkpointed`` (any loss, any head: each chunk's loss graph is recomputed in
+            backward), ``closed_form`` (``loss: jsd`` at any ``beta``, bias-free output heads, unsharded: the
+            value and its known gradient from one softmax pass; faster, fewer vocabulary-sized tensors) or
+            ``auto``: ``closed_form`` wherever it applies, else the other losses' gradient by autograd chunk by
+            chunk (same loss, same gradient).
+        loss_fused: on bias-free linear heads, take each chunk's gradient in the forward pass, so backward only
+            scales it (it holds one weight-sized gradient between the passes); off, backward recomputes every
+            chunk's logits.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -108,8 +114,10 @@ class DistillationModule(L.LightningModule):
         topd_window: int = 4,
         topd_discount: float = 0.9,
         micro_batch_size: int = 8,
-        loss_chunk_size: int = 1024,
+        loss_chunk_mib: float = 128.0,
+        loss_chunk_size: int | None = None,
         loss_implementation: Literal["auto", "checkpointed", "closed_form"] = "auto",
+        loss_fused: bool = True,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -133,12 +141,14 @@ class DistillationModule(L.LightningModule):
             if getattr(self.hparams, name) is not None and getattr(self.hparams, name) <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self.hparams, name)}.")
         for name in ("micro_batch_size", "loss_chunk_size", "loss_top_k", "topd_window"):
-            if getattr(self.hparams, name) < 1:
+            if getattr(self.hparams, name) is not None and getattr(self.hparams, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1, got {getattr(self.hparams, name)}.")
-        if loss_implementation == "closed_form" and (loss != "jsd" or beta != 0.0):
+        if not loss_chunk_mib > 0:
+            raise ValueError(f"model.loss_chunk_mib must be > 0, got {loss_chunk_mib}.")
+        if loss_implementation == "closed_form" and loss != "jsd":
             raise ValueError(
-                "model.loss_implementation: closed_form computes forward KL only: set model.loss: jsd and "
-                "model.beta: 0, or use loss_implementation: checkpointed."
+                "model.loss_implementation: closed_form computes the jsd family only: set model.loss: jsd, or use "
+                "loss_implementation: auto."
             )
         self.automatic_optimization = False
         self.student: torch.nn.Module | None = None
@@ -179,10 +189,8 @@ class DistillationModule(L.LightningModule):
             self.teacher = freeze(load_causal_lm(resolve(hp.teacher), hp.dtype, hp.trust_remote_code))
         elif needs_copy(hp.teacher_kind, hp.shared_weights, student):
             self.teacher = frozen_copy(student)
-        if hp.loss_implementation == "closed_form":
-            for model in (self.student, self.teacher):
-                if model is not None:
-                    _linear_weight(output_head(model))  # fail now, not at the first step
+        teacher = self.teacher if self.teacher is not None else self.student
+        losses.plan(self._loss_spec, output_head(self.student), output_head(teacher))  # fail now, not at step 1
 
     @property
     def needs_behavior_logprobs(self) -> bool:
@@ -247,24 +255,16 @@ class DistillationModule(L.LightningModule):
         hp = self.hparams
         response_mask = batch["response_mask"][part]
         student_rows, teacher_rows, teacher_head = self._response_hidden(batch, part)
-        aux = []
-        if hp.loss == "sampled_token":
-            aux = [batch["response_ids"][part][response_mask], batch["behavior_logprobs"][part][response_mask]]
-        weights = self._closed_form_weights(teacher_head)
-        if weights is not None:
-            per_token = losses.closed_form_forward_kl(
-                student_rows, teacher_rows, *weights, hp.loss_temperature, hp.loss_chunk_size
-            )
-        else:
-            per_token = losses.chunked_token_loss(
-                student_rows,
-                teacher_rows,
-                output_head(self.student),
-                teacher_head,
-                self._loss_fn,
-                hp.loss_chunk_size,
-                *aux,
-            )
+        behavior = batch.get("behavior_logprobs")
+        per_token = losses.token_losses(
+            student_rows,
+            teacher_rows,
+            output_head(self.student),
+            teacher_head,
+            self._loss_spec,
+            token_ids=batch["response_ids"][part][response_mask],
+            behavior_logprobs=None if behavior is None else behavior[part][response_mask],
+        )
         if hp.token_clip is not None:
             per_token = losses.kl_token_clip(per_token, hp.token_clip)
         if hp.topd:
@@ -275,18 +275,22 @@ class DistillationModule(L.LightningModule):
             per_token = weighted[response_mask.bool()]
         return per_token
 
-    def _closed_form_weights(self, teacher_head) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The two head weights when the loss runs in closed form, else None (``loss_implementation``)."""
+    @property
+    def _loss_spec(self) -> losses.LossSpec:
         hp = self.hparams
-        heads = (output_head(self.student), teacher_head)
-        if hp.loss_implementation == "closed_form":
-            return tuple(_linear_weight(head) for head in heads)
-        if hp.loss_implementation == "checkpointed" or hp.loss != "jsd" or hp.beta != 0.0:
-            return None
-        try:
-            return tuple(_linear_weight(head) for head in heads)
-        except ValueError:  # a soft-capped, biased or sharded head: the checkpointed path computes the same loss
-            return None
+        return losses.LossSpec(
+            kind=hp.loss,
+            beta=hp.beta,
+            temperature=hp.loss_temperature,
+            top_k=hp.loss_top_k,
+            top_k_tail=hp.loss_top_k_tail,
+            top_k_support=hp.loss_top_k_support,
+            pointwise_clip=hp.pointwise_clip,
+            implementation=hp.loss_implementation,
+            fused=hp.loss_fused,
+            chunk_size=hp.loss_chunk_size,
+            chunk_mib=hp.loss_chunk_mib,
+        )
 
     def _response_hidden(self, batch: dict, part: slice):
         """Student and teacher hidden states at the response positions of rows ``part``, and the teacher's head."""
@@ -337,33 +341,10 @@ class DistillationModule(L.LightningModule):
             output_head(self.student),
             teacher_head,
             token_distribution_stats,
-            self.hparams.loss_chunk_size,
+            losses.chunk_rows(self._loss_spec, self.student.config.vocab_size),
             batch["response_ids"][rows][mask],
         )
         return {name: _grid(values[:, i], mask) for i, name in enumerate(STAT_COLUMNS)}, mask
-
-    @property
-    def _loss_fn(self):
-        hp = self.hparams
-        if hp.loss == "jsd":
-            return partial(losses.generalized_jsd, beta=hp.beta, temperature=hp.loss_temperature)
-        if hp.loss == "topk":
-            return partial(
-                losses.topk_divergence,
-                k=hp.loss_top_k,
-                beta=hp.beta,
-                temperature=hp.loss_temperature,
-                tail=hp.loss_top_k_tail,
-                support=hp.loss_top_k_support,
-            )
-        if hp.loss == "pointwise_clip":
-            return partial(
-                losses.pointwise_clipped_divergence,
-                beta=hp.beta,
-                temperature=hp.loss_temperature,
-                clip=hp.pointwise_clip,
-            )
-        return partial(_sampled_token, temperature=hp.loss_temperature)
 
     def _logger_writes(self) -> bool:
         """True on the steps the logger writes (``trainer.log_every_n_steps``).
@@ -447,28 +428,6 @@ class DistillationModule(L.LightningModule):
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
 
 
-def _linear_weight(head) -> torch.Tensor:
-    """The weight of a plain bias-free linear output head (what ``loss_implementation: closed_form`` needs)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        raise ValueError(
-            "loss_implementation: closed_form needs a bias-free linear output head without logit soft-capping: "
-            "use loss_implementation: checkpointed for this model."
-        )
-    if isinstance(head.weight, DTensor):
-        raise ValueError("loss_implementation: closed_form does not run sharded yet: use checkpointed under FSDP.")
-    return head.weight
-
-
 def _grid(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token values laid out as the [B, L] response grid (0 off the mask)."""
     return per_token.new_zeros(mask.shape).masked_scatter(mask.bool(), per_token)
-
-
-def _sampled_token(student_logits, teacher_logits, ids, behavior_logprobs, temperature: float):
-    return losses.sampled_token_loss(
-        losses.token_logprobs(student_logits, ids, temperature),
-        losses.token_logprobs(teacher_logits, ids, temperature),
-        behavior_logprobs,
-    )
