@@ -1,0 +1,243 @@
+"""Roofline of one distillation step: each phase's essential work, this machine's rates, and each phase's efficiency.
+
+    OMP_NUM_THREADS=1 python benchmarks/roofline.py                       # vocabulary 151,936, 41M / 87M models
+    OMP_NUM_THREADS=1 python benchmarks/roofline.py --implementation checkpointed --chunk-size 1024  # today's
+
+The models are random Qwen3s built in-process (as ``vs_trl.py --models tiny`` builds them), float32, one thread.
+One step is ``--batch-size`` prompts of ``--prompt-tokens`` random tokens, one response of exactly
+``--max-new-tokens`` tokens each, and the default loss (forward KL; ``--beta`` and the loss options change it).
+The phases are timed one by one with the library's own functions, each ``--repeats`` times (the median counts):
+
+* generation: ``rollout.generation.decode`` (the native decoder). Its essential work is, per decoding step, the
+  bytes of the student's weights (the tied head once) and of its key/value cache read, and the FLOPs of one
+  token per row; the bound of a step is the larger of bytes / bandwidth and FLOPs / matmul rate, plus the
+  prefill's FLOPs.
+* trunk forward: both models' decoder layers on prompt + response (``hf.last_hidden``; the student with grad).
+  Work: 2 FLOPs per weight of the layers' linear maps per token, plus causal attention (2 T^2 d per row and layer).
+* loss forward: ``losses.token_losses`` on the response positions' hidden states. Work: the two vocabulary
+  projections, 2 N V (H_student + H_teacher) FLOPs.
+* loss backward: its backward to the hidden states and the student's head. Work: 4 N V H_student FLOPs (the
+  gradient of the hidden states and of the head's weight). With the fused loss (the default) this work is done
+  during the loss forward, whose time then includes it: the two are reported apart by also timing the forward
+  without autograd (values only), which is the forward's own time; the backward's time is the rest.
+* trunk backward: the student's layers. Work: twice their forward FLOPs.
+
+Rates: the matmul rate is the best of float32 matmuls of a square 2048 x 2048 x 2048 and of the loss's own two
+projection shapes; the memory bandwidth is the best read rate of a 1 GiB tensor (``sum``). Efficiency = work / time
+/ rate (for generation: bound / time). Peak memory of the loss is the resident set's high-water mark from the
+start of the loss forward to the end of its backward, above the resident size at its start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trd_lightning import losses
+from trd_lightning.data.demo.random_model import random_qwen3
+from trd_lightning.data.demo.tokenizer import build_tokenizer
+from trd_lightning.hf import last_hidden, load_causal_lm, output_head
+from trd_lightning.rollout.generation import SamplingConfig, decode
+
+GIGA = 1e9
+
+
+def best_seconds(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_rate(shapes: list[tuple[int, int, int]]) -> dict[str, float]:
+    """FLOP/s of float32 ``[m, k] @ [k, n]`` for each shape (output preallocated)."""
+    rates = {}
+    for m, k, n in shapes:
+        a, b, out = torch.randn(m, k), torch.randn(n, k), torch.empty(m, n)
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n / best_seconds(lambda a=a, b=b, out=out: torch.mm(a, b.T, out=out))
+    return rates
+
+
+def read_bandwidth() -> float:
+    big = torch.ones(2**28)  # 1 GiB
+    return big.numel() * 4 / best_seconds(lambda: big.sum())
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def layer_work(model, tokens_per_row: int, rows: int) -> float:
+    """Forward FLOPs of the decoder layers (linear maps and causal attention), without the output head."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))
+    attention = cfg.num_hidden_layers * 2 * tokens_per_row**2 * cfg.num_attention_heads * cfg.head_dim
+    return rows * (2 * linear * tokens_per_row + attention)
+
+
+def generation_bound(model, rows: int, prompt: int, new: int, rate: float, bandwidth: float) -> tuple[float, float]:
+    """(seconds, bytes read) the native decoder needs at least: prefill FLOPs, then each step's weights and cache."""
+    cfg = model.config
+    weights = sum(p.numel() for p in model.parameters()) * 4  # tied embeddings are one parameter, counted once
+    linear = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))
+    head = cfg.vocab_size * cfg.hidden_size
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    seconds = (layer_work(model, prompt, rows) + 2 * head * rows) / rate
+    total_bytes = 0.0
+    for step in range(1, new):
+        context = prompt + step
+        step_bytes = weights + kv_per_token * context * rows
+        attention = cfg.num_hidden_layers * 4 * context * cfg.num_attention_heads * cfg.head_dim
+        step_flops = rows * (2 * (linear + head) + attention)
+        seconds += max(step_bytes / bandwidth, step_flops / rate)
+        total_bytes += step_bytes
+    return seconds, total_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--student-hidden", type=int, default=256)
+    parser.add_argument("--student-layers", type=int, default=4)
+    parser.add_argument("--teacher-hidden", type=int, default=512)
+    parser.add_argument("--teacher-layers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--implementation", choices=["auto", "checkpointed", "closed_form"], default="auto")
+    parser.add_argument("--no-fused", action="store_true", help="loss_fused off: backward recomputes each chunk")
+    parser.add_argument("--chunk-mib", type=float, default=128.0)
+    parser.add_argument("--chunk-size", type=int, default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    spec = losses.LossSpec(
+        beta=args.beta,
+        implementation=args.implementation,
+        fused=not args.no_fused,
+        chunk_size=args.chunk_size,
+        chunk_mib=args.chunk_mib,
+    )
+    b, p, r = args.batch_size, args.prompt_tokens, args.max_new_tokens
+    n = b * r
+    chunk = losses.chunk_rows(spec, args.vocab)
+    shapes = [(2048, 2048, 2048), (chunk, args.student_hidden, args.vocab), (chunk, args.teacher_hidden, args.vocab)]
+    rates = matmul_rate(shapes)
+    bandwidth = read_bandwidth()
+    rate = max(rates.values())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer()
+        student = load_causal_lm(
+            random_qwen3(Path(tmp) / "s", tokenizer, args.student_hidden, args.student_layers, 1, args.vocab)
+        )
+        teacher = load_causal_lm(
+            random_qwen3(Path(tmp) / "t", tokenizer, args.teacher_hidden, args.teacher_layers, 2, args.vocab)
+        ).requires_grad_(False)
+    student.train()
+    student.generation_config.min_new_tokens = r  # every response exactly max_new_tokens long
+    prompts = torch.randint(len(tokenizer.all_special_ids), len(tokenizer), (b, p))
+    prompt_mask = torch.ones_like(prompts)
+    sampling = SamplingConfig(max_new_tokens=r)
+    heads = output_head(student), output_head(teacher)
+    params = {name: sum(x.numel() for x in m.parameters()) / 1e6 for name, m in (("s", student), ("t", teacher))}
+    print(
+        f"shape: vocabulary {args.vocab}, student {params['s']:.1f}M parameters (hidden {args.student_hidden}, "
+        f"{args.student_layers} layers), teacher {params['t']:.1f}M (hidden {args.teacher_hidden}, "
+        f"{args.teacher_layers} layers), {b} prompts x ({p} prompt + {r} response tokens), float32, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"loss: {spec.kind} beta {spec.beta}, path {losses.plan(spec, *heads)}, fused {spec.fused}, "
+        f"{chunk} positions per chunk"
+    )
+    print("matmul rate (GFLOP/s): " + ", ".join(f"{k} {v / GIGA:.1f}" for k, v in rates.items()))
+    print(f"memory read bandwidth: {bandwidth / GIGA:.1f} GB/s")
+
+    times: dict[str, list[float]] = {
+        k: [] for k in ("generate", "trunk_f", "loss_f", "loss_values", "loss_b", "trunk_b")
+    }
+    peaks = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        rollouts = decode(student, prompts, prompt_mask, sampling, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        times["generate"].append(time.perf_counter() - start)
+        ids = torch.cat([prompts, rollouts.ids], 1)
+        mask = torch.ones_like(ids)
+        student.zero_grad(set_to_none=True)
+
+        start = time.perf_counter()
+        hidden = last_hidden(student, ids, mask)
+        with torch.no_grad():
+            t_hidden = last_hidden(teacher, ids, mask)
+        times["trunk_f"].append(time.perf_counter() - start)
+        rows = hidden[:, p - 1 : p - 1 + r].reshape(n, -1)
+        t_rows = t_hidden[:, p - 1 : p - 1 + r].reshape(n, -1)
+        leaf = rows.detach().requires_grad_()
+
+        with torch.no_grad():
+            start = time.perf_counter()
+            losses.token_losses(leaf, t_rows, *heads, spec)
+            times["loss_values"].append(time.perf_counter() - start)
+        rss_start = rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        start = time.perf_counter()
+        per_token = losses.token_losses(leaf, t_rows, *heads, spec)
+        times["loss_f"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        per_token.sum().backward()
+        times["loss_b"].append(time.perf_counter() - start)
+        peaks.append((rss_kib("VmHWM") - rss_start) / 1024)
+
+        start = time.perf_counter()
+        rows.backward(leaf.grad)
+        times["trunk_b"].append(time.perf_counter() - start)
+        del hidden, t_hidden, rows, t_rows, leaf, per_token
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gen_bound, gen_bytes = generation_bound(student, b, p, r, rate, bandwidth)
+    trunk_f = layer_work(student, p + r, b) + layer_work(teacher, p + r, b)
+    loss_f = 2 * n * args.vocab * (args.student_hidden + args.teacher_hidden)
+    loss_b = 4 * n * args.vocab * args.student_hidden
+    trunk_b = 2 * layer_work(student, p + r, b)
+    # The fused loss does its backward's work inside the forward: the forward's own time is that of the values
+    # alone, and the backward's time is everything else the loss took.
+    fused_inside = spec.fused and losses.plan(spec, *heads) != "checkpointed"
+    loss_f_time = med["loss_values"] if fused_inside else med["loss_f"]
+    loss_b_time = med["loss_f"] + med["loss_b"] - loss_f_time
+    rows_out = [
+        ("generation", f"{gen_bytes / GIGA:.1f} GB read in {r - 1} steps", gen_bound, med["generate"]),
+        ("trunk forward (both models)", f"{trunk_f / GIGA:.1f} GFLOP", trunk_f / rate, med["trunk_f"]),
+        ("loss forward (projections)", f"{loss_f / GIGA:.1f} GFLOP", loss_f / rate, loss_f_time),
+        ("loss backward (head gradients)", f"{loss_b / GIGA:.1f} GFLOP", loss_b / rate, loss_b_time),
+        ("trunk backward (student)", f"{trunk_b / GIGA:.1f} GFLOP", trunk_b / rate, med["trunk_b"]),
+    ]
+    print(f"\n{'phase':34s}{'essential work':>32s}{'bound s':>10s}{'time s':>10s}{'efficiency':>12s}")
+    for name, work, bound, took in rows_out:
+        print(f"{name:34s}{work:>32s}{bound:10.2f}{took:10.2f}{bound / took:11.0%}")
+    total_bound, total = sum(x[2] for x in rows_out), sum(x[3] for x in rows_out)
+    print(f"{'step':34s}{'':>32s}{total_bound:10.2f}{total:10.2f}{total_bound / total:11.0%}")
+    print(
+        f"(medians of {args.repeats}; the loss's values alone took {med['loss_values']:.2f} s, its forward with "
+        f"autograd {med['loss_f']:.2f} s and its backward {med['loss_b']:.2f} s; peak memory of the loss "
+        f"{statistics.median(peaks):.0f} MiB above its start)"
+    )
+    for name, took, work in (("forward", loss_f_time, loss_f), ("backward", loss_b_time, loss_b)):
+        share = work / took / rate
+        print(f"loss {name} at {share:.0%} of the measured matmul rate: {'>= 60%' if share >= 0.6 else 'BELOW 60%'}")
+
+
+if __name__ == "__main__":
+    main()
