@@ -89,11 +89,12 @@ def test_closed_form_refuses_other_losses_and_soft_capped_heads(tiny, tmp_path):
 
 
 def test_a_plain_sum_recomputes_nothing_and_a_clip_only_the_clipped_rows(monkeypatch):
-    """The fused path's backward: rows whose upstream gradient is the common one are not recomputed."""
+    """The fused path's backward: rows whose upstream gradient is the common one are not recomputed (each pass is
+    logged as (rows, whether it takes gradients)); without autograd, no gradient is taken."""
     passes = []
     chunk_pass = linear._chunk_pass
     monkeypatch.setattr(
-        linear, "_chunk_pass", lambda hidden, *a: passes.append(hidden.shape[0]) or chunk_pass(hidden, *a)
+        linear, "_chunk_pass", lambda h, *a: passes.append((h.shape[0], a[-1] is not None)) or chunk_pass(h, *a)
     )
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 8, generator=gen, requires_grad=True)
@@ -104,4 +105,9 @@ def test_a_plain_sum_recomputes_nothing_and_a_clip_only_the_clipped_rows(monkeyp
         passes.clear()
         out = losses.token_losses(hidden, torch.randn(50, 8, generator=gen), *heads, losses.LossSpec(chunk_size=16))
         (out * upstream).sum().backward()
-        assert passes == [50, *recomputed]
+        assert passes == [(50, True), *((n, True) for n in recomputed)]
+    # Without autograd the forward computes values only.
+    passes.clear()
+    with torch.no_grad():
+        losses.token_losses(hidden, torch.randn(50, 8, generator=gen), *heads, losses.LossSpec(chunk_size=16))
+    assert passes == [(50, False)]
