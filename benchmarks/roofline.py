@@ -1,12 +1,14 @@
 """Roofline of one distillation step: each phase's essential work, this machine's rates, and each phase's efficiency.
 
     OMP_NUM_THREADS=1 python benchmarks/roofline.py                       # vocabulary 151,936, 41M / 87M models
-    OMP_NUM_THREADS=1 python benchmarks/roofline.py --implementation checkpointed --chunk-size 1024  # today's
+    OMP_NUM_THREADS=1 python benchmarks/roofline.py --no-fused --chunk-size 1024  # backward recomputes each chunk
+    OMP_NUM_THREADS=1 python benchmarks/roofline.py --implementation checkpointed --chunk-size 1024  # autograd
 
 The models are random Qwen3s built in-process (as ``vs_trl.py --models tiny`` builds them), float32, one thread.
 One step is ``--batch-size`` prompts of ``--prompt-tokens`` random tokens, one response of exactly
 ``--max-new-tokens`` tokens each, and the default loss (forward KL; ``--beta`` and the loss options change it).
-The phases are timed one by one with the library's own functions, each ``--repeats`` times (the median counts):
+The phases are timed one by one with the library's own functions, each ``--repeats`` times (the fastest counts, as
+for the rates):
 
 * generation: ``rollout.generation.decode`` (the native decoder). Its essential work is, per decoding step, the
   bytes of the student's weights (the tied head once) and of its key/value cache read, and the FLOPs of one
@@ -22,19 +24,17 @@ The phases are timed one by one with the library's own functions, each ``--repea
   without autograd (values only), which is the forward's own time; the backward's time is the rest.
 * trunk backward: the student's layers. Work: twice their forward FLOPs.
 
-Rates: the matmul rate is the best of float32 matmuls of a square 2048 x 2048 x 2048 and of the loss's own two
-projection shapes; the memory bandwidth is the best read rate of a 1 GiB tensor (``sum``). Efficiency = work / time
-/ rate (for generation: bound / time). Every time is taken twice: wall time, and the process's CPU time (one
-thread, so its own work: on a machine shared with other jobs, CPU time moves much less than wall time; rates are
-measured on both clocks and each efficiency uses its own clock's). Peak memory of the loss is the resident set's
-high-water mark from the start of the loss forward to the end of its backward, above the resident size at its
-start.
+Rates: the matmul rate is the best of float32 matmuls of a square 2048 x 2048 x 2048 and of the step's two
+vocabulary projections whole (``[N, H] @ [H, V]`` for each model, N the step's response positions: the shape the
+loss's work is counted in, whatever its chunks); the memory bandwidth is the best read rate of a 1 GiB tensor
+(``sum``). Efficiency = work / time / rate (for generation: bound / time). Every time is taken twice: wall time,
+and the process's CPU time (one thread, so its own work: on a machine shared with other jobs, CPU time moves much
+less than wall time; rates are measured on both clocks and each efficiency uses its own clock's).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 import warnings
@@ -99,15 +99,8 @@ class Phases:
         yield
         self.times[name].append(tuple(e - s for s, e in zip(start, clock())))
 
-    def median(self, name: str, i: int) -> float:
-        return statistics.median(t[i] for t in self.times[name])
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
+    def best(self, name: str, i: int) -> float:
+        return min(t[i] for t in self.times[name])
 
 
 def layer_work(model, tokens_per_row: int, rows: int) -> float:
@@ -168,7 +161,7 @@ def main() -> None:
     b, p, r = args.batch_size, args.prompt_tokens, args.max_new_tokens
     n = b * r
     chunk = losses.chunk_rows(spec, args.vocab)
-    shapes = [(2048, 2048, 2048), (chunk, args.student_hidden, args.vocab), (chunk, args.teacher_hidden, args.vocab)]
+    shapes = [(2048, 2048, 2048), (n, args.student_hidden, args.vocab), (n, args.teacher_hidden, args.vocab)]
     rates = matmul_rates(shapes)
     bandwidth = read_bandwidth()
     rate = [max(r[i] for r in rates.values()) for i in (0, 1)]
@@ -205,7 +198,6 @@ def main() -> None:
     print(f"memory read bandwidth, GB/s by wall | CPU time: {bandwidth[0] / GIGA:.1f} | {bandwidth[1] / GIGA:.1f}")
 
     timed = Phases()
-    peaks = []
     for _ in range(args.repeats):
         with timed("generate"):
             rollouts = decode(student, prompts, prompt_mask, sampling, [tokenizer.eos_token_id], tokenizer.pad_token_id)
@@ -221,13 +213,10 @@ def main() -> None:
         leaf = rows.detach().requires_grad_()
         with torch.no_grad(), timed("loss_values"):
             losses.token_losses(leaf, t_rows, *heads, spec)
-        rss_start = rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
         with timed("loss_f"):
             per_token = losses.token_losses(leaf, t_rows, *heads, spec)
         with timed("loss_b"):
             per_token.sum().backward()
-        peaks.append((rss_kib("VmHWM") - rss_start) / 1024)
         with timed("trunk_b"):
             rows.backward(leaf.grad)
         del hidden, t_hidden, rows, t_rows, leaf, per_token
@@ -242,19 +231,19 @@ def main() -> None:
     table, efficiency = [], {}
     for i, name in enumerate(CLOCKS):
         gen_bound, gen_bytes = generation_bound(student, b, p, r, rate[i], bandwidth[i])
-        loss_f_time = timed.median("loss_values" if fused_inside else "loss_f", i)
-        loss_b_time = timed.median("loss_f", i) + timed.median("loss_b", i) - loss_f_time
+        loss_f_time = timed.best("loss_values" if fused_inside else "loss_f", i)
+        loss_b_time = timed.best("loss_f", i) + timed.best("loss_b", i) - loss_f_time
         phases = [
-            ("generation", f"{gen_bytes / GIGA:.1f} GB read in {r - 1} steps", gen_bound, timed.median("generate", i)),
+            ("generation", f"{gen_bytes / GIGA:.1f} GB read in {r - 1} steps", gen_bound, timed.best("generate", i)),
             (
                 "trunk forward (both models)",
                 f"{trunk_f / GIGA:.1f} GFLOP",
                 trunk_f / rate[i],
-                timed.median("trunk_f", i),
+                timed.best("trunk_f", i),
             ),
             ("loss forward (projections)", f"{loss_f / GIGA:.1f} GFLOP", loss_f / rate[i], loss_f_time),
             ("loss backward (head gradients)", f"{loss_b / GIGA:.1f} GFLOP", loss_b / rate[i], loss_b_time),
-            ("trunk backward (student)", f"{trunk_b / GIGA:.1f} GFLOP", trunk_b / rate[i], timed.median("trunk_b", i)),
+            ("trunk backward (student)", f"{trunk_b / GIGA:.1f} GFLOP", trunk_b / rate[i], timed.best("trunk_b", i)),
         ]
         phases.append(("step", "", sum(x[2] for x in phases), sum(x[3] for x in phases)))
         table.append(phases)
@@ -266,12 +255,11 @@ def main() -> None:
     for (name, work, bw, tw), (_, _, bc, tc) in zip(*table):
         print(f"{name:32s}{work:>28s}{bw:9.2f}{tw:9.2f}{bw / tw:6.0%}{bc:9.2f}{tc:9.2f}{bc / tc:6.0%}")
     print(
-        f"(medians of {args.repeats}; wall | CPU seconds: the loss's values alone "
+        f"(fastest of {args.repeats}; wall | CPU seconds: the loss's values alone "
         + ", its forward with autograd ".join(
-            f"{timed.median(k, 0):.2f} | {timed.median(k, 1):.2f}" for k in ("loss_values", "loss_f")
+            f"{timed.best(k, 0):.2f} | {timed.best(k, 1):.2f}" for k in ("loss_values", "loss_f")
         )
-        + f", its backward {timed.median('loss_b', 0):.2f} | {timed.median('loss_b', 1):.2f}; peak memory of the "
-        f"loss {statistics.median(peaks):.0f} MiB above its start)"
+        + f", its backward {timed.best('loss_b', 0):.2f} | {timed.best('loss_b', 1):.2f})"
     )
     for part in ("forward", "backward"):
         shares = [efficiency[name][part] for name in CLOCKS]

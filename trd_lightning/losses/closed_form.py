@@ -11,7 +11,7 @@ JSD with the mixture ``M = (1 - beta) p_S + beta p_T``), and the same KL term (`
   and the softmax's Jacobian turns that into the above.
 
 One pass of ``exp`` per model gives both the log-probs and the probabilities, and the gradient reuses the loss's
-own pieces, so the value and the gradient together cost about as much as the value did through autograd.
+own pieces (the probabilities, the log-ratio, the row's KL), with no autograd graph.
 """
 
 from __future__ import annotations
