@@ -1,13 +1,15 @@
-"""Peak memory of the chunked loss against full logits, from hidden states to gradients, measured side by side.
+"""Peak memory of the chunked losses against full logits, from hidden states to gradients, measured side by side.
 
-    OMP_NUM_THREADS=2 python benchmarks/fused_loss.py --tokens 1024            # real run: RSS and tensor bytes
-    python benchmarks/fused_loss.py --fake --tokens 4096 --hidden 2048         # tensor bytes only, any size
+    OMP_NUM_THREADS=1 python benchmarks/fused_loss.py --tokens 1024            # real run: RSS and tensor bytes
+    OMP_NUM_THREADS=1 python benchmarks/fused_loss.py --fake                   # naive on fake tensors, any size
 
-Both variants compute the same thing in fp32 on CPU: student and teacher output heads (``[V, H]`` linear layers,
+The variants compute the same thing in fp32 on CPU: student and teacher output heads (``[V, H]`` linear layers,
 V = 151,936 by default, Qwen3's vocabulary) on ``N`` response hidden states, the per-token generalized JSD
 (``--beta``; 0 is forward KL), its sum, and backward into the student hidden states and the student head weight.
 ``naive`` materialises the full ``[N, V]`` logits of both models and calls ``generalized_jsd`` on them;
-``chunked`` is ``trd_lightning.losses.chunked_token_loss`` with ``--chunk-size`` rows per chunk.
+``checkpointed`` is the path of ``loss_implementation: checkpointed`` (``chunked_token_loss``, ``--chunk-size``
+rows per chunk: today's path before chunks were sized by memory); ``default`` is ``losses.token_losses`` with the
+default ``LossSpec`` (closed form, fused, chunks of ``--chunk-mib`` MiB).
 
 Each variant runs in a fresh subprocess, after its inputs and weights exist, and two peaks are taken over its
 forward and backward, both as the increase over the memory held before it started:
@@ -21,10 +23,11 @@ forward and backward, both as the increase over the memory held before it starte
   BLAS scratch and allocator overhead included. PyTorch's CPU allocator does not cache freed blocks and glibc
   returns large (mmap) blocks to the kernel on free, so resident memory follows live tensors.
 
-``--fake`` runs the same code on fake tensors (``FakeTensorMode``): shapes, operators and tensor lifetimes are
+``--fake`` runs the naive variant on fake tensors (``FakeTensorMode``): shapes, operators and tensor lifetimes are
 those of the real run, but no memory is allocated and nothing is computed, so sizes whose naive variant does
-not fit in this machine's memory can be measured; only tensor bytes are reported. A real run also prints each
-variant's loss and gradient norms and checks that the two agree.
+not fit in this machine's memory can be measured; only its tensor bytes are reported. (The default path's backward
+reads its upstream gradient's values, which fake tensors do not have: it always runs for real.) The real variants'
+loss and gradient norms are printed and checked to agree.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from trd_lightning.losses import chunked_token_loss, generalized_jsd
+from trd_lightning.losses import LossSpec, chunked_token_loss, generalized_jsd, token_losses
 
 MIB = 2**20
+VARIANTS = ("naive", "checkpointed", "default")
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -92,7 +96,8 @@ def status_kib(field: str) -> int:
 
 def measure(args: argparse.Namespace) -> dict:
     """Build the inputs, then run one variant's forward and backward; return its peaks (and, when real, values)."""
-    with FakeTensorMode() if args.fake else contextlib.nullcontext():
+    fake = args.fake and args.child == "naive"
+    with FakeTensorMode() if fake else contextlib.nullcontext():
         torch.manual_seed(0)
         n, h, v = args.tokens, args.hidden, args.vocab
         student_hidden = torch.randn(n, h).requires_grad_()
@@ -110,14 +115,17 @@ def measure(args: argparse.Namespace) -> dict:
         with LiveTensorBytes() as tracker:
             if args.child == "naive":
                 per_token = loss_fn(student_head(student_hidden), teacher_head(teacher_hidden))
-            else:
+            elif args.child == "checkpointed":
                 per_token = chunked_token_loss(
                     student_hidden, teacher_hidden, student_head, teacher_head, loss_fn, args.chunk_size
                 )
+            else:
+                spec = LossSpec(beta=args.beta, chunk_mib=args.chunk_mib)
+                per_token = token_losses(student_hidden, teacher_hidden, student_head, teacher_head, spec)
             loss = per_token.sum()
             loss.backward()
-        result = {"tensor_mib": tracker.peak / MIB, "seconds": time.perf_counter() - start}
-        if not args.fake:
+        result = {"tensor_mib": tracker.peak / MIB, "seconds": time.perf_counter() - start, "fake": fake}
+        if not fake:
             result |= {
                 "rss_mib": (status_kib("VmHWM") - rss_before) / 1024,
                 "loss": loss.item(),
@@ -129,7 +137,8 @@ def measure(args: argparse.Namespace) -> dict:
 
 def run_child(args: argparse.Namespace, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--child", variant] + [
-        f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("vocab", "tokens", "hidden", "chunk_size", "beta")
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("vocab", "tokens", "hidden", "chunk_size", "chunk_mib", "beta")
     ]
     if args.fake:
         cmd.append("--fake")
@@ -148,10 +157,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--tokens", type=int, default=4096, help="response tokens N (rows of hidden states)")
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk (the module's default)")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the checkpointed variant")
+    parser.add_argument("--chunk-mib", type=float, default=128.0, help="MiB per logits tensor of the default's chunks")
     parser.add_argument("--beta", type=float, default=0.0, help="0 forward KL, 1 reverse KL, between: JSD")
-    parser.add_argument("--fake", action="store_true", help="fake tensors: tensor bytes only, nothing allocated")
-    parser.add_argument("--child", choices=("naive", "chunked"), help=argparse.SUPPRESS)
+    parser.add_argument("--fake", action="store_true", help="the naive variant on fake tensors: tensor bytes only")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args)))
@@ -159,23 +169,25 @@ def main() -> None:
 
     logits_mib = args.tokens * args.vocab * 4 / MIB
     print(
-        f"N={args.tokens} tokens, V={args.vocab}, H={args.hidden}, chunk={args.chunk_size}, beta={args.beta}, fp32 "
-        f"on CPU ({'fake tensors' if args.fake else f'{torch.get_num_threads()} threads'}); "
-        f"one [N, V] tensor = {logits_mib:.0f} MiB, one [V, H] = {args.vocab * args.hidden * 4 / MIB:.0f} MiB"
+        f"N={args.tokens} tokens, V={args.vocab}, H={args.hidden}, beta={args.beta}, fp32 on CPU, "
+        f"{torch.get_num_threads()} thread(s); checkpointed: {args.chunk_size} rows per chunk, default: "
+        f"{args.chunk_mib:g} MiB chunks; one [N, V] tensor = {logits_mib:.0f} MiB, one [V, H] = "
+        f"{args.vocab * args.hidden * 4 / MIB:.0f} MiB"
     )
-    results = {variant: run_child(args, variant) for variant in ("naive", "chunked")}
-    naive, chunked = results["naive"], results["chunked"]
-    columns = ["tensor_mib"] if args.fake else ["tensor_mib", "rss_mib", "seconds"]
-    print(f"{'':<10}" + "".join(f"{c:>14}" for c in columns))
+    results = {variant: run_child(args, variant) for variant in VARIANTS}
+    naive = results["naive"]
+    columns = ["tensor_mib", "rss_mib", "seconds"]
+    print(f"{'':<14}" + "".join(f"{c:>14}" for c in columns) + f"{'/ naive':>10}")
     for variant, r in results.items():
-        print(f"{variant:<10}" + "".join(f"{r[c]:>14.1f}" for c in columns))
-    print(f"{'ratio':<10}" + "".join(f"{chunked[c] / naive[c]:>14.3f}" for c in columns))
-    if not args.fake:
-        keys = ("loss", "hidden_grad_norm", "head_grad_norm")
-        for k in keys:
-            print(f"{k:<18} naive {naive[k]:.8g}  chunked {chunked[k]:.8g}")
-        agree = all(abs(naive[k] - chunked[k]) <= 1e-5 * abs(naive[k]) for k in keys)
-        print(f"loss and gradient norms agree to 1e-5 relative: {agree}")
+        cells = "".join(f"{r[c]:>14.1f}" if c in r else f"{'(fake)':>14}" for c in columns)
+        print(f"{variant:<14}{cells}{r['tensor_mib'] / naive['tensor_mib']:>10.3f}")
+    real = {v: r for v, r in results.items() if not r["fake"]}
+    keys = ("loss", "hidden_grad_norm", "head_grad_norm")
+    for k in keys:
+        print(f"{k:<18} " + "  ".join(f"{v} {r[k]:.8g}" for v, r in real.items()))
+    first = next(iter(real.values()))
+    agree = all(abs(r[k] - first[k]) <= 1e-5 * abs(first[k]) for r in real.values() for k in keys)
+    print(f"loss and gradient norms of {', '.join(real)} agree to 1e-5 relative: {agree}")
 
 
 if __name__ == "__main__":

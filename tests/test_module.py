@@ -9,8 +9,6 @@ from helpers import Recorder
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
-from trd_lightning import DistillationModule, losses
-from trd_lightning.hf import output_head
 from trd_lightning.lora import LoraOptions
 
 
@@ -157,44 +155,6 @@ def test_shared_teacher_opsd(make_run, tiny, tmp_path, weights, lora):
         assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_closed_form_loss_trains_like_the_checkpointed_one(make_run, tiny, tmp_path):
-    """Same first step (same rollouts): the same loss and the same gradients, from the closed-form backward."""
-    runs = {}
-    for name in ("checkpointed", "closed_form"):
-        rec = Recorder(grads=True)
-        trainer, module, data = make_run(
-            root=tmp_path / name, model={"loss_implementation": name, "loss_chunk_size": 7}, callbacks=[rec]
-        )
-        trainer.fit(module, data)
-        runs[name] = rec
-    assert runs["closed_form"].losses[1] == pytest.approx(runs["checkpointed"].losses[1], rel=1e-5)
-    first, second = runs["checkpointed"].grads[0], runs["closed_form"].grads[0]
-    assert first.keys() == second.keys()
-    for key in first:
-        torch.testing.assert_close(second[key], first[key], atol=1e-6, rtol=1e-4, msg=key)
-
-
-def test_auto_loss_implementation_takes_the_closed_form_where_it_applies(make_run, tiny, tmp_path, monkeypatch):
-    """``auto`` (the default) runs forward KL in closed form; other losses and soft-capped heads go checkpointed."""
-    calls = []
-    closed_form = losses.closed_form_forward_kl
-    monkeypatch.setattr(losses, "closed_form_forward_kl", lambda *a, **k: calls.append(1) or closed_form(*a, **k))
-    for i, (model, expect) in enumerate((({}, True), ({"beta": 0.5}, False), ({"loss": "topk"}, False))):
-        calls.clear()
-        trainer, module, data = make_run(root=tmp_path / str(i), model=model, max_steps=1)
-        assert module.hparams.loss_implementation == "auto"
-        trainer.fit(module, data)
-        assert bool(calls) == expect, model
-    # A soft-capped head is not a plain linear map: auto falls back rather than refusing.
-    objective = DistillationModule(student="s", teacher="t").objective
-    module.student.config.final_logit_softcapping = 30.0
-    assert objective.closed_form_weights(output_head(module.student), output_head(module.teacher)) is None
-    with pytest.raises(ValueError, match="bias-free linear output head"):
-        objective.closed_form_weights(output_head(module.student), output_head(module.teacher), strict=True)
-    module.student.config.final_logit_softcapping = None
-    assert objective.closed_form_weights(output_head(module.student), output_head(module.teacher)) is not None
-
-
 class WrittenMetrics(Logger):
     """A logger that keeps the metric names written at each step (and, optionally, the values)."""
 
@@ -265,11 +225,6 @@ def test_grad_norm_is_logged_before_clipping(make_run, tiny, tmp_path):
             else:  # clip_grad_norm_ scales by max_norm / (norm + 1e-6)
                 assert logged > 2 * max_norm
                 assert norm == pytest.approx(logged * max_norm / (logged + 1e-6), rel=1e-5)
-
-
-def test_closed_form_loss_refuses_other_losses():
-    with pytest.raises(ValueError, match="forward KL only"):
-        DistillationModule(student="s", teacher="t", loss_implementation="closed_form", beta=0.5)
 
 
 def test_gradient_checkpointing_gives_the_same_step_and_lets_the_monitor_take_gradients(make_run, tiny, tmp_path):

@@ -19,17 +19,18 @@ def test_token_level_baselines_as_module_loss_options(make_run, tiny, tmp_path):
     seqs = keep.batches[0].produced.train
     base_objective = module.objective
 
-    def losses(**changes):
-        return replace(base_objective, **changes).token_losses(module.student, module.scorer, seqs)
+    def losses(spec: dict | None = None, **changes):
+        objective = replace(base_objective, spec=replace(base_objective.spec, **(spec or {})), **changes)
+        return objective.token_losses(module.student, module.scorer, seqs)
 
     with torch.no_grad():
         base = losses()
         clip = float(base.median())
         assert torch.allclose(losses(token_clip=clip), base.clamp(max=clip))
         # above every entry: the plain divergence
-        assert torch.allclose(losses(loss="pointwise_clip", pointwise_clip=1e6), base, atol=1e-6)
+        assert torch.allclose(losses({"kind": "pointwise_clip", "pointwise_clip": 1e6}), base, atol=1e-6)
         # each of V entries is at most 1e-4
-        assert bool((losses(loss="pointwise_clip", pointwise_clip=1e-4) <= 1e-4 * len(dm.tokenizer) + 1e-6).all())
+        assert bool((losses({"kind": "pointwise_clip", "pointwise_clip": 1e-4}) <= 1e-4 * len(dm.tokenizer) + 1e-6).all())
         threshold, window, discount = float(base.quantile(0.7)), 2, 0.5
         got = losses(topd=True, topd_threshold=threshold, topd_window=window, topd_discount=discount)
     # Brute force, row by row: a token is divergent if above the threshold and the mean of the next `window`

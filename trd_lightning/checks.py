@@ -14,6 +14,27 @@ def check_vocabularies(student: str, student_vocab: int, teacher: str, teacher_v
         )
 
 
+def check_module_options(hp) -> None:
+    """The module's numeric and loss options (``hp``: its hyperparameters), each error naming the option."""
+    if not 0.0 <= hp.beta <= 1.0:
+        raise ValueError(f"model.beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {hp.beta}.")
+    if hp.loss_temperature <= 0:
+        raise ValueError(f"model.loss_temperature must be > 0, got {hp.loss_temperature}.")
+    if not 0.0 <= hp.ema_decay < 1.0:
+        raise ValueError(f"model.ema_decay must be in [0, 1), got {hp.ema_decay}.")
+    for name in ("pointwise_clip", "token_clip", "max_grad_norm", "loss_chunk_mib"):
+        if hp[name] is not None and not hp[name] > 0:
+            raise ValueError(f"model.{name} must be > 0, got {hp[name]}.")
+    for name in ("micro_batch_size", "micro_batch_tokens", "loss_chunk_size", "loss_top_k", "topd_window"):
+        if hp[name] is not None and hp[name] < 1:
+            raise ValueError(f"model.{name} must be at least 1, got {hp[name]}.")
+    if hp.loss_implementation == "closed_form" and hp.loss != "jsd":
+        raise ValueError(
+            "model.loss_implementation: closed_form computes the jsd family only: set model.loss: jsd, or use "
+            "loss_implementation: auto."
+        )
+
+
 def check_optimizer(lr: float, weight_decay: float, betas, warmup_ratio: float, min_lr_ratio: float) -> None:
     if not lr > 0:
         raise ValueError(f"model.lr must be > 0, got {lr}.")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trd_lightning.losses import divergence_from_logprobs
+
 STAT_COLUMNS = ("kl", "teacher_entropy", "teacher_top1", "teacher_top2", "teacher_token_logprob")
 
 
@@ -47,7 +49,7 @@ def token_distribution_stats(student_logits: Tensor, teacher_logits: Tensor, tok
     s_logp = torch.log_softmax(student_logits.float(), -1)
     t_logp = torch.log_softmax(teacher_logits.float(), -1)
     t_p = t_logp.exp()
-    kl = (t_p * (t_logp - s_logp)).sum(-1)
+    kl = divergence_from_logprobs(s_logp, t_logp, beta=0.0)  # the package's one forward-KL term
     entropy = -(t_p * t_logp).sum(-1)
     top2 = t_p.topk(2, dim=-1).values
     token = t_logp.gather(-1, token_ids[:, None]).squeeze(-1)

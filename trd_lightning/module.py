@@ -10,12 +10,13 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
-from trd_lightning.checks import check_against_data, check_optimizer, check_vocabularies
+from trd_lightning.checks import check_against_data, check_module_options, check_optimizer, check_vocabularies
 from trd_lightning.diagnostics import STAT_COLUMNS
 from trd_lightning.evaluation import EvalMetrics
 from trd_lightning.hf import load_causal_lm, load_config, output_head
 from trd_lightning.lora import LoraOptions, apply_lora
-from trd_lightning.objective import LossName, Objective, grid, micro_batches
+from trd_lightning.losses import LossKind, LossSpec, plan
+from trd_lightning.objective import Objective, grid, micro_batches
 from trd_lightning.optim import warmup_cosine
 from trd_lightning.rollout.batch import PromptBatch, RolloutModels, Sequences, StepInfo
 from trd_lightning.serve.checkpoint import service_callbacks
@@ -76,11 +77,18 @@ class DistillationModule(L.LightningModule):
         micro_batch_size: sequences per forward/backward; a memory knob only, it must divide the step's rollouts.
         micro_batch_tokens: form micro-batches by a token budget instead: rows of similar length together, each
             micro-batch's forward passes at most this many positions (padding included). None: by row count.
-        loss_chunk_size: response positions per loss chunk; bounds the logits held at once.
-        loss_implementation: ``checkpointed`` (any loss: each chunk's loss graph is recomputed in backward),
-            ``closed_form`` (forward KL only, ``loss: jsd`` with ``beta: 0``, bias-free output heads, unsharded:
-            backward applies the known gradient to recomputed logits; faster, and fewer vocabulary-sized tensors)
-            or ``auto``: ``closed_form`` wherever it applies, else ``checkpointed`` (same loss, same gradient).
+        loss_chunk_mib: the loss runs in chunks of response positions, each float32 [positions, vocabulary]
+            tensor of a chunk at most this many MiB (220 positions at 151,936 entries): bounds the logits held
+            at once whatever the vocabulary.
+        loss_chunk_size: positions per loss chunk, overriding ``loss_chunk_mib``; None sizes chunks by it.
+        loss_implementation: ``checkpointed`` (any loss, any head: each chunk's loss graph is recomputed in
+            backward), ``closed_form`` (``loss: jsd`` at any ``beta``, bias-free output heads, unsharded: the
+            value and its known gradient from one softmax pass; faster, fewer vocabulary-sized tensors) or
+            ``auto``: ``closed_form`` wherever it applies, else the other losses' gradient by autograd chunk by
+            chunk (same loss, same gradient).
+        loss_fused: on bias-free linear heads, take each chunk's gradient in the forward pass, so backward only
+            scales it (it holds one weight-sized gradient between the passes); off, backward recomputes every
+            chunk's logits.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -104,7 +112,7 @@ class DistillationModule(L.LightningModule):
         ema_decay: float = 0.99,
         lora: LoraOptions | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        loss: LossName = "jsd",
+        loss: LossKind = "jsd",
         beta: float = 0.0,
         loss_temperature: float = 1.0,
         loss_top_k: int = 32,
@@ -118,8 +126,10 @@ class DistillationModule(L.LightningModule):
         topd_discount: float = 0.9,
         micro_batch_size: int = 8,
         micro_batch_tokens: int | None = None,
-        loss_chunk_size: int = 1024,
+        loss_chunk_mib: float = 128.0,
+        loss_chunk_size: int | None = None,
         loss_implementation: Literal["auto", "checkpointed", "closed_form"] = "auto",
+        loss_fused: bool = True,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -133,35 +143,18 @@ class DistillationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"model.beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {beta}.")
-        if loss_temperature <= 0:
-            raise ValueError(f"model.loss_temperature must be > 0, got {loss_temperature}.")
+        check_module_options(self.hparams)
         check_url(teacher_url, "model.teacher_url")
         if teacher_url:
             check_served_teacher(teacher_kind, loss, loss_temperature, loss_top_k_support)
         elif teacher_kind == "frozen" and not teacher:
             raise ValueError("teacher_kind: frozen needs model.teacher, the name or path of the teacher model.")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"model.ema_decay must be in [0, 1), got {ema_decay}.")
-        for name in ("pointwise_clip", "token_clip", "max_grad_norm"):
-            if getattr(self.hparams, name) is not None and getattr(self.hparams, name) <= 0:
-                raise ValueError(f"model.{name} must be > 0, got {getattr(self.hparams, name)}.")
-        for name in ("micro_batch_size", "loss_chunk_size", "loss_top_k", "topd_window"):
-            if getattr(self.hparams, name) < 1:
-                raise ValueError(f"model.{name} must be at least 1, got {getattr(self.hparams, name)}.")
-        if micro_batch_tokens is not None and micro_batch_tokens < 1:
-            raise ValueError(f"model.micro_batch_tokens must be at least 1 (or null), got {micro_batch_tokens}.")
-        if loss_implementation == "closed_form" and (loss != "jsd" or beta != 0.0):
-            raise ValueError(
-                "model.loss_implementation: closed_form computes forward KL only: set model.loss: jsd and "
-                "model.beta: 0, or use loss_implementation: checkpointed."
-            )
         check_optimizer(lr, weight_decay, betas, warmup_ratio, min_lr_ratio)
-        self.objective = Objective(
-            loss, beta, loss_temperature, loss_top_k, loss_top_k_tail, loss_top_k_support, pointwise_clip, token_clip,
-            topd, topd_threshold, topd_window, topd_discount, loss_chunk_size, loss_implementation,
+        spec = LossSpec(
+            loss, beta, loss_temperature, loss_top_k, loss_top_k_tail, loss_top_k_support, pointwise_clip,
+            loss_implementation, loss_fused, loss_chunk_size, loss_chunk_mib,
         )  # fmt: skip
+        self.objective = Objective(spec, token_clip, topd, topd_threshold, topd_window, topd_discount)
         self.lora_options = lora  # typed: under LightningCLI ``hparams.lora`` is the config's plain dict
         self.teacher_service = teacher_service
         self.automatic_optimization = False
@@ -212,7 +205,7 @@ class DistillationModule(L.LightningModule):
             self.teacher = frozen_copy(student)
         if hp.loss_implementation == "closed_form":
             with self.scorer() as model:  # fail now, not at the first step
-                self.objective.closed_form_weights(output_head(self.student), output_head(model), strict=True)
+                plan(self.objective.spec, output_head(self.student), output_head(model))
 
     def scorer(self):
         """Context manager giving the model that scores as teacher."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,28 +24,18 @@ from trd_lightning.rollout.batch import Sequences, response_rows
 if TYPE_CHECKING:
     from trd_lightning.serve.teacher import TeacherScores
 
-LossName = Literal["jsd", "topk", "sampled_token", "pointwise_clip"]
-Implementation = Literal["auto", "checkpointed", "closed_form"]
-
 
 @dataclass(frozen=True)
 class Objective:
-    """The per-token loss (see ``DistillationModule`` for each option's meaning)."""
+    """The per-token loss: the divergence (``spec``) and the token-level options applied after it (see
+    ``DistillationModule`` for each option's meaning)."""
 
-    loss: LossName = "jsd"
-    beta: float = 0.0
-    temperature: float = 1.0
-    top_k: int = 32
-    top_k_tail: bool = True
-    top_k_support: Literal["teacher", "student"] = "teacher"
-    pointwise_clip: float = 0.05
+    spec: losses.LossSpec = losses.LossSpec()
     token_clip: float | None = None
     topd: bool = False
     topd_threshold: float = 1.0
     topd_window: int = 4
     topd_discount: float = 0.9
-    chunk_size: int = 1024
-    implementation: Implementation = "auto"
 
     def token_losses(
         self, student: nn.Module, scorer: Scorer, seqs: Sequences, served: TeacherScores | None = None
@@ -55,18 +45,17 @@ class Objective:
         if served is not None:
             return self.served_token_losses(student, seqs, served)
         student_rows, teacher_rows, teacher_head = self.response_hidden(student, scorer, seqs)
-        student_head = output_head(student)
-        weights = self.closed_form_weights(student_head, teacher_head)
-        if weights is not None:
-            per_token = losses.closed_form_forward_kl(
-                student_rows, teacher_rows, *weights, self.temperature, self.chunk_size
-            )
-        elif self.loss == "sampled_token":
-            per_token = self._sampled_token(student_rows, teacher_rows, student_head, teacher_head, seqs)
-        else:
-            per_token = losses.chunked_token_loss(
-                student_rows, teacher_rows, student_head, teacher_head, self.divergence, self.chunk_size
-            )
+        mask = seqs.response_mask.bool()
+        per_token = losses.token_losses(
+            student_rows,
+            teacher_rows,
+            output_head(student),
+            teacher_head,
+            self.spec,
+            token_ids=seqs.response_ids[mask],
+            behavior_logprobs=seqs.behavior_logprobs[mask],
+            sampled=seqs.sampled[:, None].expand_as(mask)[mask],
+        )
         return self._token_options(per_token, seqs)
 
     def served_token_losses(self, student: nn.Module, seqs: Sequences, scores: TeacherScores) -> Tensor:
@@ -75,19 +64,23 @@ class Objective:
         mask = seqs.response_mask.bool()
         rows, head = self._student_rows(student, seqs), output_head(student)
         ids, top_logprobs, token_logprobs = scores.flat(mask)
-        if self.loss == "sampled_token":
+        chunk = self._chunk_rows(head)
+        if self.spec.kind == "sampled_token":
             student_lp = losses.chunked_token_loss(
-                rows, token_logprobs[:, None], head, _identity, _student_token, self.chunk_size, seqs.response_ids[mask]
+                rows, token_logprobs[:, None], head, _identity, _student_token, chunk, seqs.response_ids[mask]
             )
             per_token = losses.sampled_token_loss(student_lp, token_logprobs, seqs.token_behavior_logprobs(student_lp))
         else:
-            divergence = partial(losses.served_topk_divergence, beta=self.beta, tail=self.top_k_tail)
-            per_token = losses.chunked_token_loss(rows, top_logprobs, head, _identity, divergence, self.chunk_size, ids)
+            divergence = partial(losses.served_topk_divergence, beta=self.spec.beta, tail=self.spec.top_k_tail)
+            per_token = losses.chunked_token_loss(rows, top_logprobs, head, _identity, divergence, chunk, ids)
         return self._token_options(per_token, seqs)
 
     def _student_rows(self, student: nn.Module, seqs: Sequences) -> Tensor:
         hidden = last_hidden(student, seqs.student_ids, seqs.student_mask)
         return response_rows(hidden, seqs.prompt_width, seqs.response_mask)
+
+    def _chunk_rows(self, head) -> int:
+        return losses.chunk_rows(self.spec, head.out_features if isinstance(head, nn.Linear) else head.weight.shape[0])
 
     def _token_options(self, per_token: Tensor, seqs: Sequences) -> Tensor:
         """Loss truncation and TOPD weighting, after the divergence."""
@@ -112,7 +105,7 @@ class Objective:
             rows, head = self._student_rows(student, seqs), output_head(student)
             stats = losses.served_token_statistics
             return losses.chunked_token_loss(
-                rows, top_logprobs, head, _identity, stats, self.chunk_size, ids, token_logprobs
+                rows, top_logprobs, head, _identity, stats, self._chunk_rows(head), ids, token_logprobs
             )
         student_rows, teacher_rows, teacher_head = self.response_hidden(student, scorer, seqs)
         token_ids = seqs.response_ids[seqs.response_mask.bool()]
@@ -122,7 +115,7 @@ class Objective:
             output_head(student),
             teacher_head,
             token_distribution_stats,
-            self.chunk_size,
+            self._chunk_rows(output_head(student)),
             token_ids,
         )
 
@@ -136,53 +129,6 @@ class Objective:
             )
             teacher_head = output_head(model)
         return student_rows, teacher_rows, teacher_head
-
-    def closed_form_weights(self, student_head, teacher_head, strict: bool = False) -> tuple[Tensor, Tensor] | None:
-        """The one place that decides whether forward KL runs in closed form: the two heads' weights when it does.
-
-        ``closed_form`` requires it (a head it cannot use raises); ``auto`` takes it for forward KL (``loss: jsd``,
-        ``beta: 0``) on plain heads; ``checkpointed`` never does. ``strict`` raises where ``auto`` would fall back.
-        """
-        if self.implementation == "checkpointed" or self.loss != "jsd" or self.beta != 0.0:
-            return None
-        try:
-            return linear_weight(student_head), linear_weight(teacher_head)
-        except ValueError:  # a soft-capped, biased or sharded head: the checkpointed path computes the same loss
-            if self.implementation == "closed_form" or strict:
-                raise
-            return None
-
-    @property
-    def divergence(self) -> Callable[[Tensor, Tensor], Tensor]:
-        if self.loss == "jsd":
-            return partial(losses.generalized_jsd, beta=self.beta, temperature=self.temperature)
-        if self.loss == "topk":
-            return partial(
-                losses.topk_divergence,
-                k=self.top_k,
-                beta=self.beta,
-                temperature=self.temperature,
-                tail=self.top_k_tail,
-                support=self.top_k_support,
-            )
-        return partial(
-            losses.pointwise_clipped_divergence, beta=self.beta, temperature=self.temperature, clip=self.pointwise_clip
-        )
-
-    def _sampled_token(self, student_rows, teacher_rows, student_head, teacher_head, seqs: Sequences) -> Tensor:
-        mask = seqs.response_mask.bool()
-        ids = seqs.response_ids[mask]
-        logprobs = losses.chunked_token_loss(
-            student_rows,
-            teacher_rows,
-            student_head,
-            teacher_head,
-            partial(_token_pair, temperature=self.temperature),
-            self.chunk_size,
-            ids,
-        )
-        student_lp, teacher_lp = logprobs[:, 0], logprobs[:, 1]
-        return losses.sampled_token_loss(student_lp, teacher_lp, seqs.token_behavior_logprobs(student_lp))
 
 
 Scorer = Callable[[], AbstractContextManager[nn.Module]]
@@ -216,20 +162,6 @@ def micro_batches(seqs: Sequences, rows: int, tokens: int | None = None) -> list
     return [sorted(g) for g in groups]
 
 
-def linear_weight(head) -> Tensor:
-    """The weight of a plain bias-free linear output head (what the closed-form forward KL needs)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        raise ValueError(
-            "loss_implementation: closed_form needs a bias-free linear output head without logit soft-capping: "
-            "use loss_implementation: checkpointed for this model."
-        )
-    if isinstance(head.weight, DTensor):
-        raise ValueError("loss_implementation: closed_form does not run sharded yet: use checkpointed under FSDP.")
-    return head.weight
-
-
 def grid(per_token: Tensor, mask: Tensor) -> Tensor:
     """Per-token values laid out as the [B, L] response grid (0 off the mask)."""
     return per_token.new_zeros(mask.shape).masked_scatter(mask.bool(), per_token)
@@ -242,14 +174,3 @@ def _identity(x: Tensor) -> Tensor:
 
 def _student_token(student_logits: Tensor, teacher_scores: Tensor, ids: Tensor) -> Tensor:
     return losses.token_logprobs(student_logits, ids)
-
-
-def _token_pair(student_logits: Tensor, teacher_logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
-    """[n, 2]: the student's and the teacher's log-prob of each token."""
-    return torch.stack(
-        [
-            losses.token_logprobs(student_logits, ids, temperature),
-            losses.token_logprobs(teacher_logits, ids, temperature),
-        ],
-        -1,
-    )

@@ -1,4 +1,7 @@
-"""Distillation losses: pure functions on tensors, one divergence convention (see ``divergence``)."""
+"""Distillation losses: pure functions on tensors, one divergence convention (see ``divergence``).
+
+``token_losses`` with a ``LossSpec`` is the entry point from hidden states; ``plan`` is where the path is chosen.
+"""
 
 from trd_lightning.losses.baselines import (
     kl_token_clip,
@@ -9,31 +12,53 @@ from trd_lightning.losses.baselines import (
     topk_reverse_kl,
 )
 from trd_lightning.losses.chunked import chunked_token_loss
-from trd_lightning.losses.closed_form import closed_form_forward_kl
+from trd_lightning.losses.closed_form import jsd_and_grad
 from trd_lightning.losses.divergence import (
     divergence_from_logprobs,
     generalized_jsd,
+    kl_terms,
     masked_divergence,
     sampled_token_loss,
     token_logprobs,
     topk_divergence,
 )
+from trd_lightning.losses.entry import (
+    LossKind,
+    LossSpec,
+    chunk_rows,
+    closed_form_applies,
+    linear_weight,
+    loss_function,
+    plan,
+    token_losses,
+)
+from trd_lightning.losses.linear import linear_head_loss
 from trd_lightning.losses.served import served_token_statistics, served_topk_divergence
 
 __all__ = [
+    "LossKind",
+    "LossSpec",
+    "chunk_rows",
     "chunked_token_loss",
-    "closed_form_forward_kl",
+    "closed_form_applies",
     "divergence_from_logprobs",
     "generalized_jsd",
+    "jsd_and_grad",
+    "kl_terms",
     "kl_token_clip",
+    "linear_head_loss",
+    "linear_weight",
+    "loss_function",
     "masked_divergence",
     "near_future_weights",
     "persistent_divergence_mask",
+    "plan",
     "pointwise_clipped_divergence",
     "sampled_token_loss",
     "served_token_statistics",
     "served_topk_divergence",
     "token_logprobs",
+    "token_losses",
     "topd_token_loss",
     "topk_divergence",
     "topk_reverse_kl",

@@ -1,82 +1,65 @@
-"""Forward KL(teacher || student) from hidden states, chunk by chunk, with its gradient in closed form.
+"""The generalized JSD and its gradient with respect to the student's logits, in closed form, from one softmax pass.
 
-The checkpointed driver (``chunked``) recomputes a chunk's whole loss graph in backward and differentiates
-through it. For forward KL the gradient with respect to the student's logits is known,
-``(softmax(z_s / T) - softmax(z_t / T)) / T`` per unit of upstream gradient, so backward only recomputes the two
-chunks of logits and applies it: fewer passes over ``[n, V]`` tensors and fewer of them alive at once.
+Same convention as ``divergence`` (``beta`` 0 forward KL(T || S), 1 reverse KL(S || T), in between the generalized
+JSD with the mixture ``M = (1 - beta) p_S + beta p_T``), and the same KL term (``divergence.kl_terms``). With
+``z_S`` the student's logits, ``T`` the temperature and ``<a> = sum_v p_S(v) a(v)``, the gradients are:
+
+* ``beta == 0``: ``(p_S - p_T) / T``.
+* ``beta == 1``: ``p_S (d - <d>) / T`` with ``d = log p_S - log p_T`` (``<d>`` is the loss itself).
+* ``0 < beta < 1``: ``(1 - beta) p_S (a - <a>) / T`` with ``a = log p_S - log M`` (``<a>`` is KL(S || M)): the
+  loss depends on ``p_S`` with partial derivative ``(1 - beta) a`` (the mixture's share cancels the rest),
+  and the softmax's Jacobian turns that into the above.
+
+One pass of ``exp`` per model gives both the log-probs and the probabilities, and the gradient reuses the loss's
+own pieces (the probabilities, the log-ratio, the row's KL), with no autograd graph.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-
-class _ForwardKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, temperature: float):
-        s_logp = ((student_hidden @ student_weight.T).float() / temperature).log_softmax(-1)
-        t_logp = ((teacher_hidden @ teacher_weight.T).float() / temperature).log_softmax(-1)
-        t_p = t_logp.exp()
-        # Entries the teacher gives no mass contribute nothing (0 * log 0 is 0, not NaN).
-        loss = torch.where(t_p > 0, t_p * (t_logp - s_logp), 0.0).sum(-1)
-        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight)
-        ctx.temperature = temperature
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        student_hidden, student_weight, teacher_hidden, teacher_weight = ctx.saved_tensors
-        t = ctx.temperature
-        s_p = ((student_hidden @ student_weight.T).float() / t).softmax(-1)
-        t_p = ((teacher_hidden @ teacher_weight.T).float() / t).softmax(-1)
-        grad_logits = ((s_p - t_p) * (grad[:, None] / t)).to(student_hidden.dtype)
-        grad_hidden = grad_logits @ student_weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.T @ student_hidden if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+from trd_lightning.losses.divergence import _LOG_FLOOR, _log_mixture, kl_terms
 
 
-def closed_form_forward_kl(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    student_weight: Tensor,
-    teacher_weight: Tensor,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-) -> Tensor:
-    """Per-row forward KL(teacher || student) of bias-free linear heads, ``chunk_size`` rows at a time.
+def log_probs_and_probs(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``log_softmax(logits / temperature)`` (floored) and ``softmax`` of the same, from one pass of ``exp``."""
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    shifted = scaled - scaled.amax(-1, keepdim=True)
+    probs = shifted.exp()
+    total = probs.sum(-1, keepdim=True)
+    probs.div_(total)
+    return shifted.sub_(total.log_()).clamp_(min=_LOG_FLOOR), probs
 
-    Equals ``chunked_token_loss(..., generalized_jsd with beta=0)``; the teacher gets no gradient.
+
+def jsd_and_grad(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float, with_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row generalized JSD of two logit blocks and, optionally, its gradient with respect to the student's.
 
     Args:
-        student_hidden: ``[N, H]`` student hidden states (usually requiring grad).
-        teacher_hidden: ``[N, H']`` teacher hidden states.
-        student_weight: ``[V, H]`` student output-head weight.
-        teacher_weight: ``[V, H']`` teacher output-head weight.
+        student_logits: ``[n, V]`` student logits.
+        teacher_logits: ``[n, V]`` teacher logits.
+        beta: in ``[0, 1]``, as in ``divergence``.
         temperature: positive divisor of both models' logits.
-        chunk_size: rows per chunk (>= 1).
+        with_grad: whether to return the gradient too.
 
     Returns:
-        ``[N]`` float32 losses, connected to the autograd graph through the student's hidden states and weight.
+        ``[n]`` float32 values, and the ``[n, V]`` float32 gradient of their sum with respect to
+        ``student_logits`` (None without ``with_grad``).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    n = student_hidden.shape[0]
-    if n == 0:
-        # Zero-size, but on the graph: .sum().backward() gives zero gradients rather than none.
-        return (student_hidden.sum(-1) + student_weight.sum() * 0).float()
-    teacher_weight = teacher_weight.detach()
-    return torch.cat(
-        [
-            _ForwardKL.apply(
-                student_hidden[i : i + chunk_size],
-                student_weight,
-                teacher_hidden[i : i + chunk_size].detach(),
-                teacher_weight,
-                temperature,
-            )
-            for i in range(0, n, chunk_size)
-        ]
-    )
+    logp_s, p_s = log_probs_and_probs(student_logits, temperature)
+    logp_t, p_t = log_probs_and_probs(teacher_logits, temperature)
+    if beta == 0.0:
+        loss = kl_terms(logp_t, logp_s, p_t).sum(-1)
+        grad = p_s.sub_(p_t) if with_grad else None
+    elif beta == 1.0:
+        loss = kl_terms(logp_s, logp_t, p_s).sum(-1)
+        grad = p_s.mul_(logp_s.sub_(logp_t).sub_(loss[:, None])) if with_grad else None
+    else:
+        log_m = _log_mixture(logp_s, logp_t, beta)
+        kl_student = kl_terms(logp_s, log_m, p_s).sum(-1)
+        loss = beta * kl_terms(logp_t, log_m, p_t).sum(-1) + (1.0 - beta) * kl_student
+        grad = p_s.mul_(logp_s.sub_(log_m).sub_(kl_student[:, None])).mul_(1.0 - beta) if with_grad else None
+    if grad is not None and temperature != 1.0:
+        grad.div_(temperature)
+    return loss, grad

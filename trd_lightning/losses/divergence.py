@@ -56,16 +56,28 @@ def _scaled_logprobs(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
-def _kl_terms(logp: Tensor, logq: Tensor) -> Tensor:
-    """Per-entry terms ``p(v) (log p(v) - log q(v))`` of KL(p || q), from (floored) log-probs."""
-    return logp.exp() * (logp - logq)
+def kl_terms(logp: Tensor, logq: Tensor, p: Tensor | None = None) -> Tensor:
+    """Per-entry terms ``p(v) (log p(v) - log q(v))`` of KL(p || q): the one KL term of the package.
+
+    Every KL here (the divergences, the closed form, the diagnostics) sums these terms, so all of them treat a
+    probability that underflows the same way: ``0 * finite = 0``.
+
+    Args:
+        logp: Log-probs of ``p``, floored (see the module docstring), shape ``[..., V]``.
+        logq: Log-probs of ``q``, floored, same shape.
+        p: ``exp(logp)`` when the caller has it already (saves one pass of ``exp``).
+
+    Returns:
+        The terms, shape ``[..., V]``; their sum over the last dim is KL(p || q).
+    """
+    return (logp.exp() if p is None else p) * (logp - logq)
 
 
 def _log_mixture(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
     """``log((1 - beta) p_S + beta p_T)`` for ``0 < beta < 1``."""
     # Mixing in probability space would underflow for tokens both models find
-    # unlikely; logsumexp keeps log M accurate there.
-    return torch.logsumexp(torch.stack([logp_s + math.log1p(-beta), logp_t + math.log(beta)]), dim=0)
+    # unlikely; logaddexp keeps log M accurate there.
+    return torch.logaddexp(logp_s + math.log1p(-beta), logp_t + math.log(beta))
 
 
 def _divergence_terms(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
@@ -74,11 +86,11 @@ def _divergence_terms(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
     ``beta`` follows the module docstring; the log-probs must already be floored.
     """
     if beta == 0.0:
-        return _kl_terms(logp_t, logp_s)
+        return kl_terms(logp_t, logp_s)
     if beta == 1.0:
-        return _kl_terms(logp_s, logp_t)
+        return kl_terms(logp_s, logp_t)
     log_m = _log_mixture(logp_s, logp_t, beta)
-    return beta * _kl_terms(logp_t, log_m) + (1.0 - beta) * _kl_terms(logp_s, log_m)
+    return beta * kl_terms(logp_t, log_m) + (1.0 - beta) * kl_terms(logp_s, log_m)
 
 
 def divergence_from_logprobs(student_logp: Tensor, teacher_logp: Tensor, beta: float) -> Tensor:
@@ -265,6 +277,3 @@ def masked_divergence(
     """
     mask = mask.bool()
     return generalized_jsd(student_logits[mask], teacher_logits[mask], beta, temperature).sum()
-
-
-# ------------------------------------------------- token-level clipping baselines
