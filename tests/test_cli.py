@@ -265,14 +265,13 @@ EVAL_SCHEMAS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(EVAL_SCHEMAS))
-def test_benchmark_configs_map_their_columns(name, tiny, tmp_path):
+def validate_with_eval_config(tiny, tmp_path, name: str, rows: list[dict], *overrides: str):
+    """``trd validate`` of the tiny models with ``configs/eval/NAME`` on a local parquet file of ``rows``."""
     from datasets import Dataset
 
-    rows, answers = EVAL_SCHEMAS[name]
     local = tmp_path / "bench.parquet"
     Dataset.from_list(rows).to_parquet(str(local))
-    cli = cli_main(
+    return cli_main(
         [
             "validate",
             *demo_on_tiny(tiny),
@@ -281,8 +280,15 @@ def test_benchmark_configs_map_their_columns(name, tiny, tmp_path):
             f"--data.validation.data={local}",
             "--data.rollout.max_new_tokens=6",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *overrides,
         ]
     )
+
+
+@pytest.mark.parametrize("name", sorted(EVAL_SCHEMAS))
+def test_benchmark_configs_map_their_columns(name, tiny, tmp_path):
+    rows, answers = EVAL_SCHEMAS[name]
+    cli = validate_with_eval_config(tiny, tmp_path, name, rows)
     data = cli.datamodule
     assert [r["answer"] for r in data.val_rows] == answers
     problem_column = data.validation.problem_column

@@ -9,7 +9,7 @@ import json
 import pytest
 from datasets import Dataset
 from helpers import KeepBatch
-from test_cli import CONFIGS, demo_on_tiny
+from test_cli import CONFIGS, demo_on_tiny, validate_with_eval_config
 from test_code_rows import HUMANEVAL, LCB_CALL, LCB_STDIO, MBPP, TACO_CALL, TACO_STDIO
 
 from trd_lightning import RefinementScheduler
@@ -30,21 +30,14 @@ EVAL = {
 @pytest.mark.parametrize("name", sorted(EVAL))
 def test_code_eval_configs_map_their_columns(name, tiny, tmp_path):
     code_format, rows = EVAL[name]
-    local = tmp_path / "bench.parquet"
-    Dataset.from_list(rows).to_parquet(str(local))
-    cli = cli_main(
-        [
-            "validate",
-            *demo_on_tiny(tiny),
-            "--config",
-            str(CONFIGS[0].parent / "eval" / name),
-            f"--data.validation.data={local}",
-            "--data.validation.subset=null",
-            "--data.validation.samples=2",
-            "--data.prompt.max_prompt_length=400",
-            "--data.rollout.max_new_tokens=6",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ]
+    cli = validate_with_eval_config(
+        tiny,
+        tmp_path,
+        name,
+        rows,
+        "--data.validation.subset=null",
+        "--data.validation.samples=2",
+        "--data.prompt.max_prompt_length=400",
     )
     data = cli.datamodule
     assert isinstance(data.val_verifier, CodeVerifier) and data.verifier is not data.val_verifier
