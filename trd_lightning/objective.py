@@ -45,17 +45,16 @@ class Objective:
         if served is not None:
             return self.served_token_losses(student, seqs, served)
         student_rows, teacher_rows, teacher_head = self.response_hidden(student, scorer, seqs)
-        mask = seqs.response_mask.bool()
-        per_token = losses.token_losses(
-            student_rows,
-            teacher_rows,
-            output_head(student),
-            teacher_head,
-            self.spec,
-            token_ids=seqs.response_ids[mask],
-            behavior_logprobs=seqs.behavior_logprobs[mask],
-            sampled=seqs.sampled[:, None].expand_as(mask)[mask],
-        )
+        aux = {}
+        if self.spec.kind == "sampled_token":
+            mask = seqs.response_mask.bool()
+            aux = {
+                "token_ids": seqs.response_ids[mask],
+                "behavior_logprobs": seqs.behavior_logprobs[mask],
+                "sampled": seqs.sampled[:, None].expand_as(mask)[mask],
+            }
+        student_head = output_head(student)
+        per_token = losses.token_losses(student_rows, teacher_rows, student_head, teacher_head, self.spec, **aux)
         return self._token_options(per_token, seqs)
 
     def served_token_losses(self, student: nn.Module, seqs: Sequences, scores: TeacherScores) -> Tensor:
@@ -64,7 +63,7 @@ class Objective:
         mask = seqs.response_mask.bool()
         rows, head = self._student_rows(student, seqs), output_head(student)
         ids, top_logprobs, token_logprobs = scores.flat(mask)
-        chunk = self._chunk_rows(head)
+        chunk = self._chunk_rows(head, rows)
         if self.spec.kind == "sampled_token":
             student_lp = losses.chunked_token_loss(
                 rows, token_logprobs[:, None], head, _identity, _student_token, chunk, seqs.response_ids[mask]
@@ -79,8 +78,8 @@ class Objective:
         hidden = last_hidden(student, seqs.student_ids, seqs.student_mask)
         return response_rows(hidden, seqs.prompt_width, seqs.response_mask)
 
-    def _chunk_rows(self, head) -> int:
-        return losses.chunk_rows(self.spec, head.out_features if isinstance(head, nn.Linear) else head.weight.shape[0])
+    def _chunk_rows(self, head, hidden: Tensor) -> int:
+        return losses.chunk_rows(self.spec, losses.vocab_size(head, hidden))
 
     def _token_options(self, per_token: Tensor, seqs: Sequences) -> Tensor:
         """Loss truncation and TOPD weighting, after the divergence."""
@@ -105,7 +104,7 @@ class Objective:
             rows, head = self._student_rows(student, seqs), output_head(student)
             stats = losses.served_token_statistics
             return losses.chunked_token_loss(
-                rows, top_logprobs, head, _identity, stats, self._chunk_rows(head), ids, token_logprobs
+                rows, top_logprobs, head, _identity, stats, self._chunk_rows(head, rows), ids, token_logprobs
             )
         student_rows, teacher_rows, teacher_head = self.response_hidden(student, scorer, seqs)
         token_ids = seqs.response_ids[seqs.response_mask.bool()]
@@ -115,7 +114,7 @@ class Objective:
             output_head(student),
             teacher_head,
             token_distribution_stats,
-            self._chunk_rows(output_head(student)),
+            self._chunk_rows(output_head(student), student_rows),
             token_ids,
         )
 

@@ -26,11 +26,11 @@ from trd_lightning.losses.entry import (
     LossKind,
     LossSpec,
     chunk_rows,
-    closed_form_applies,
     linear_weight,
     loss_function,
     plan,
     token_losses,
+    vocab_size,
 )
 from trd_lightning.losses.linear import linear_head_loss
 from trd_lightning.losses.served import served_token_statistics, served_topk_divergence
@@ -40,7 +40,6 @@ __all__ = [
     "LossSpec",
     "chunk_rows",
     "chunked_token_loss",
-    "closed_form_applies",
     "divergence_from_logprobs",
     "generalized_jsd",
     "jsd_and_grad",
@@ -62,4 +61,5 @@ __all__ = [
     "topd_token_loss",
     "topk_divergence",
     "topk_reverse_kl",
+    "vocab_size",
 ]

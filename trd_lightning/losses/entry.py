@@ -160,11 +160,6 @@ def plan(spec: LossSpec, student_head, teacher_head) -> Path:
     return "linear" if spec.fused else "checkpointed"
 
 
-def closed_form_applies(spec: LossSpec, student_head, teacher_head) -> bool:
-    """Whether the loss runs in closed form (``plan``); raises where ``closed_form`` is required and cannot run."""
-    return plan(spec, student_head, teacher_head) == "closed_form"
-
-
 def token_losses(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
@@ -203,7 +198,7 @@ def token_losses(
         aux = (token_ids, behavior_logprobs, sampled)
     path = plan(spec, student_head, teacher_head)
     if path == "checkpointed":
-        rows = chunk_rows(spec, _vocab_size(teacher_head, teacher_hidden))
+        rows = chunk_rows(spec, vocab_size(teacher_head, teacher_hidden))
         return chunked_token_loss(
             student_hidden, teacher_hidden, student_head, teacher_head, loss_function(spec), rows, *aux
         )
@@ -233,7 +228,7 @@ def _autograd_block(loss_fn: Callable[..., Tensor]):
     return block
 
 
-def _vocab_size(head, hidden: Tensor) -> int:
+def vocab_size(head, hidden: Tensor) -> int:
     """The head's output size: its ``out_features``, or the width of its output on zero rows."""
     size = getattr(head, "out_features", None)
     if size is None:
