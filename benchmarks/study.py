@@ -6,8 +6,10 @@ Each (method, seed) is a real ``trd fit`` of the demo configs with a few overrid
 rollouts), the step count, and validation with ``--samples`` sampled responses per problem at temperature 1, so
 every validation logs ``val/avg@k`` and ``val/pass@k``. Runs go to separate processes (``--workers``, one thread
 each) and each writes its curve to ``OUT/curves/<method>_seed<s>.json`` when it ends; a rerun skips the finished
-ones. Each curve point keeps the run's training seconds so far (every step's rollouts, refinement, loss and monitors;
-validation excluded), so methods compare by compute as well as by steps, and the demo configs' monitors' readings.
+ones made on the same demo world (its weights and ``world.json``) with the same steps, validation interval and k,
+and runs the others again. Each curve point keeps the run's training seconds so far (every step's rollouts,
+refinement, loss and monitors; validation excluded), so methods compare by compute as well as by steps, and the demo
+configs' monitors' readings.
 
 The script then writes ``OUT/study.md``: the table (mean and sample standard deviation over seeds) of final avg@k and
 pass@k, avg@k at OPD's training time (compute-matched: each run's curve read at the mean seconds OPD's runs took,
@@ -19,6 +21,7 @@ study, which shared the machine alike.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -101,7 +104,22 @@ class Curve(L.Callback):
         self.points.append({"step": trainer.global_step, "seconds": self.seconds, **metrics})
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
+def fingerprint(args: argparse.Namespace) -> dict:
+    """What a finished curve must have been made with to be reused: the demo world and the run settings."""
+    from trd_lightning.data.demo import world
+
+    folder, digest = world.world_dir(), hashlib.sha256()
+    for name in ("world.json", "teacher/model.safetensors", "student/model.safetensors"):
+        digest.update((folder / name).read_bytes())
+    return {"world": digest.hexdigest()[:16], "steps": args.steps, "val_every": args.val_every, "samples": args.samples}
+
+
+def finished(path: Path, made_with: dict) -> bool:
+    """Whether ``path`` holds a curve made with ``made_with`` (a curve of another world or settings is stale)."""
+    return path.exists() and json.loads(path.read_text()).get("made_with") == made_with
+
+
+def run_one(method: str, seed: int, args: argparse.Namespace, made_with: dict) -> dict:
     """One fit in this process; returns (and writes) its curve."""
     import torch
 
@@ -131,6 +149,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     result = {
         "method": method,
         "seed": seed,
+        "made_with": made_with,
         "seconds": time.perf_counter() - start,
         "train_seconds": curve.seconds,
         "curve": curve.points,
@@ -253,11 +272,15 @@ def main() -> None:
 
     out = Path(args.out)
     (out / "curves").mkdir(parents=True, exist_ok=True)
+    made_with = fingerprint(args)
     todo = [
-        (m, s) for m in args.methods for s in args.seeds if not (out / "curves" / f"{slug(m)}_seed{s}.json").exists()
+        (m, s)
+        for m in args.methods
+        for s in args.seeds
+        if not finished(out / "curves" / f"{slug(m)}_seed{s}.json", made_with)
     ]
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, m, s, args): (m, s) for m, s in todo}
+        futures = {pool.submit(run_one, m, s, args, made_with): (m, s) for m, s in todo}
         for future in futures:
             result = future.result()
             last = result["curve"][-1]
