@@ -56,7 +56,8 @@ def token_stats(teacher, student, tokenizer, contexts, responses, batch: int = 1
     for i in range(0, len(contexts), batch):
         c, r = contexts[i : i + batch], responses[i : i + batch]
         t_logits = response_logits(teacher, tokenizer, c, r)
-        s_logits = response_logits(student, tokenizer, c, r)
+        # The teacher on its own samples (the entropy share) is scored once, not twice.
+        s_logits = t_logits if student is teacher else response_logits(student, tokenizer, c, r)
         out += [token_distribution_stats(s, t, torch.tensor(y)) for s, t, y in zip(s_logits, t_logits, r)]
     return out
 
