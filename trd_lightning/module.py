@@ -170,16 +170,17 @@ class DistillationModule(L.LightningModule):
         """Check the inputs against each other before any weights are loaded."""
         hp = self.hparams
         student_cfg = load_config(hp.student, hp.trust_remote_code)
+        data = getattr(self.trainer, "datamodule", None)
+        spec = data.spec() if data is not None and hasattr(data, "spec") else None
         if hp.teacher_url and self.served_teacher is None:  # up, same tokenizer and vocabulary: before any weights
             from trd_lightning.serve.teacher import connect_teacher  # the serve extra, needed only here
 
-            self.served_teacher = connect_teacher(hp, self.teacher_service, student_cfg.vocab_size)
+            needed = None if spec is None else spec.longest_row + 1  # vLLM generates one token alongside
+            self.served_teacher = connect_teacher(hp, self.teacher_service, student_cfg.vocab_size, needed)
         elif hp.teacher_kind == "frozen" and not hp.teacher_url:
             teacher_cfg = load_config(hp.teacher, hp.trust_remote_code)
             check_vocabularies(hp.student, student_cfg.vocab_size, hp.teacher, teacher_cfg.vocab_size)
-        data = getattr(self.trainer, "datamodule", None)
-        if data is not None and hasattr(data, "spec"):
-            spec = data.spec()
+        if spec is not None:
             micro = None if hp.micro_batch_tokens else hp.micro_batch_size
             check_against_data(hp.teacher_kind, micro, spec, getattr(student_cfg, "max_position_embeddings", None))
             if hp.teacher_url and getattr(data, "refines_in_process", False):
@@ -238,7 +239,7 @@ class DistillationModule(L.LightningModule):
     def on_train_batch_start(self, batch: PromptBatch, batch_idx: int) -> None:
         batch.produced = self.trainer.datamodule.produce(batch, self.rollout_models(), self._step_info())
         stats = batch.produced.stats
-        self._produce_seconds = stats["perf/rollout_seconds"] + stats.get("perf/refine_seconds", 0.0)
+        self._produce_seconds = stats["perf/produce_seconds"]
         if self._logger_writes():
             self.log_dict(stats, batch_size=len(batch.produced.train))
 

@@ -6,7 +6,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -40,11 +40,16 @@ from trd_lightning.rollout.batch import (
     ValidationRollouts,
 )
 from trd_lightning.rollout.engines import Generator, LocalEngine, end_token_ids
+from trd_lightning.rollout.overlap import Overlap
 from trd_lightning.rollout.rewrite import ModelRewriter, RefinePrompt, Rewriter, WrittenRewriter
 from trd_lightning.rollout.seeds import row_seeds, uniforms
 from trd_lightning.rollout.selection import RefinementPlan, select_for_refinement
 from trd_lightning.rollout.sources import RolloutSource, StudentRollouts, WrittenRollouts, rollout_stats
 from trd_lightning.verify import Verifier, make_verifier
+
+if TYPE_CHECKING:
+    from trd_lightning.serve.generator import ServedEngine
+    from trd_lightning.serve.student import WeightSync
 
 # Resuming mid-epoch is exact here: ``state_dict`` below keeps the batches consumed, and the next epoch's sampler
 # skips them, which Lightning cannot see from the DataLoader.
@@ -121,6 +126,13 @@ class OnPolicyDataModule(L.LightningDataModule):
                     "is None: set data.solution_column to the dataset's reference-solution column."
                 )
             templates.check_template(prompt.privileged_template, {"problem", "solution"}, "privileged")
+        if rollout.url and refine.offline_round:
+            raise ValueError("data.refine.offline_round trains on written rollouts: it needs no data.rollout.url.")
+        if rollout.max_staleness and refine.enabled and not refine.url:
+            raise ValueError(
+                "data.rollout.max_staleness: 1 makes the next step's rewrites while this step trains, which the "
+                "trainer's own refiner cannot do: serve the refiner (data.refine.url), or set max_staleness: 0."
+            )
         if refine.offline_round and rollout.num_generations != 1:
             raise ValueError(
                 "data.refine.offline_round holds one rollout per prompt: set data.rollout.num_generations: 1."
@@ -146,6 +158,9 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.source: RolloutSource | None = None
         self.rewriter: Rewriter | None = None
         self.served_refiner: Generator | None = None  # connected in setup when data.refine.url is set
+        self.served_student: ServedEngine | None = None  # connected in setup when data.rollout.url is set
+        self.weight_sync: WeightSync | None = None
+        self.overlap = Overlap() if rollout.max_staleness else None
         self._skip = 0
 
     # ------------------------------------------------------------------ data
@@ -155,14 +170,19 @@ class OnPolicyDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(hp.tokenizer)
             self._build_stages()
         if self.refine.url and self.served_refiner is None and self.refines:  # checked before any weights load
-            from trd_lightning.serve.generator import connect_refiner  # the serve extra, needed only here
+            from trd_lightning.serve.generator import connect  # the serve extra, needed only here
 
-            self.served_refiner = connect_refiner(self.refine.url, self.refine.service, self.tokenizer, hp.tokenizer)
+            needed = self.refine.max_prompt_length + self.refine.sampling(self.rollout).max_new_tokens
+            self.served_refiner = connect(
+                self.refine.url, self.refine.service, self.tokenizer, hp.tokenizer, needed, "data.refine.url"
+            )
         if stage == "fit" and self.train_rows is None:
             if self.refine.offline_round:
                 self.train_rows = self._prepare(self.refine.offline_round, "train", offline=True)
             else:
                 self.train_rows = self._prepare(hp.train_data, hp.train_split)
+        if stage == "fit" and self.rollout.url and self.served_student is None:
+            self._connect_student()
         val = self.validation
         if stage in ("fit", "validate") and self.val_rows is None and val.split is not None:
             self.val_rows = _first(self._prepare(val.data or hp.train_data, val.split, val=True), val.max_prompts)
@@ -170,6 +190,19 @@ class OnPolicyDataModule(L.LightningDataModule):
             if val.test_split is None:
                 raise ValueError("trd test evaluates data.validation.test_split: set it to the dataset's test split.")
             self.test_rows = _first(self._prepare(val.data or hp.train_data, val.test_split, val=True), val.max_prompts)
+
+    def _connect_student(self) -> None:
+        """The student's engine, checked (up, same tokenizer, room for the longest prompt and rollout) before any
+        weights load."""
+        from trd_lightning.serve.student import connect_student  # the serve extra, needed only here
+
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ValueError("data.rollout.url serves one process's rollouts for now: run on one device, or drop it.")
+        r = self.rollout
+        needed = self.longest_prompt + r.max_new_tokens
+        self.served_student, self.weight_sync = connect_student(
+            r.url, r.service, self.tokenizer, self.hparams.tokenizer, needed, r.sync_dir, r.adapter_name
+        )
 
     def _build_stages(self) -> None:
         tok = self.tokenizer
@@ -250,7 +283,8 @@ class OnPolicyDataModule(L.LightningDataModule):
             seed=self.hparams.seed,
         )
         sampler.skip, self._skip = self._skip, 0
-        return self._loader(self.train_rows, self.hparams.batch_size, sampler=sampler, drop_last=True)
+        loader = self._loader(self.train_rows, self.hparams.batch_size, sampler=sampler, drop_last=True)
+        return self.overlap.loader(loader) if self.overlap else loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_rows, self.validation.batch_size) if self.val_rows else []
@@ -283,14 +317,54 @@ class OnPolicyDataModule(L.LightningDataModule):
         self.plan = plan
 
     def produce(self, batch: PromptBatch, models: RolloutModels, step: StepInfo) -> DistillBatch:
-        """The step's batch from its prompts: rollouts, their verdicts, the plan's choice, rewrites, assembly."""
+        """The step's batch from its prompts: rollouts, their verdicts, the plan's choice, rewrites, assembly.
+
+        With a served student its engine first gets the student's current weights; with overlap the batch comes
+        from the background (made one step earlier), and the next step's starts there.
+        """
+        start = time.perf_counter()
+        # The trainer's student scores rewrites (the support guard, refine/student_logprob): the engine only samples.
+        local = self._engine(models.student, step)
+        if self.served_student is None:
+            made = self._make(batch, models, step, local, local, step.step)
+        else:
+            if self.overlap and (self.plan.mode == "divergent" or self.plan.min_student_logprob is not None):
+                raise ValueError(
+                    "RefinementScheduler mode: divergent and min_student_logprob score with the trainer's models, "
+                    "which an overlapped step, made while they train, cannot use: use mode all or incorrect without "
+                    "min_student_logprob, or data.rollout.max_staleness: 0."
+                )
+            made = self.overlap.take(batch) if self.overlap else None
+            sync_seconds = self.weight_sync.push(models.student, step.step)
+            if made is None:
+                made = self._make(batch, models, step, self.served_student, local, step.step)
+            if self.overlap:
+                following = StepInfo(step.step + 1, step.rank, step.world_size)
+                served = self.served_student
+                self.overlap.start(batch, lambda b: self._make(b, models, following, served, None, step.step))
+            made.stats["perf/sync_seconds"] = sync_seconds
+        made.stats["perf/produce_seconds"] = time.perf_counter() - start
+        return made
+
+    def _make(
+        self,
+        batch: PromptBatch,
+        models: RolloutModels,
+        step: StepInfo,
+        student: Generator,
+        scorer: Generator | None,
+        version: int,
+    ) -> DistillBatch:
+        """The pipeline for one step's prompts: ``student`` generates from the weights of ``version``, ``scorer``
+        (the trainer's student, or None in the background) scores the rewrites."""
         hp, n = self.hparams, self.rollout.num_generations
         rows = batch.repeat(n)
-        student = self._engine(models.student, step)
         start = time.perf_counter()
         y_o, texts = self.source.rollouts(rows, row_seeds(hp.seed, step.step, "rollout", batch.index, n), student)
         correct = self.verify(texts, rows.answer)
         stats = rollout_stats(y_o, correct, time.perf_counter() - start)
+        if self.source.sampled:
+            stats.update({"rollout/weight_version": version, "rollout/staleness": step.step - version})
         rewrites = None
         if self.rewriter is not None:
             start = time.perf_counter()
@@ -298,7 +372,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             seeds = row_seeds(hp.seed, step.step, "refine", batch.index, n)
             with self._refiner(models, step) as refiner:
                 rewrites = self.rewriter.rewrite(
-                    rows, y_o, texts, chosen, seeds, refiner, student, self.plan.min_student_logprob
+                    rows, y_o, texts, chosen, seeds, refiner, scorer, self.plan.min_student_logprob
                 )
             after = self.verify(rewrites.texts, [rows.answer[i] for i in rewrites.rows])
             if correct is not None and chosen:
@@ -307,7 +381,9 @@ class OnPolicyDataModule(L.LightningDataModule):
             stats["perf/refine_seconds"] = time.perf_counter() - start
             stats.update(rewrites.stats)
         pad = self.tokenizer.pad_token_id
-        return assemble(rows, y_o, self.source.sampled, texts, rewrites, self.refine.teacher_context, pad, n, stats)
+        made = assemble(rows, y_o, self.source.sampled, texts, rewrites, self.refine.teacher_context, pad, n, stats)
+        made.weight_version = torch.full((len(y_o),), version if self.source.sampled else -1, dtype=torch.long)
+        return made
 
     def validation_rollouts(self, batch: PromptBatch, models: RolloutModels, step: StepInfo) -> ValidationRollouts:
         """k answers per validation prompt from the student, seeded by the prompt (the same at every validation)."""
@@ -331,6 +407,16 @@ class OnPolicyDataModule(L.LightningDataModule):
             return
         with models.refiner() as model:
             yield self._engine(model, step)
+
+    def teardown(self, stage: str) -> None:
+        if self.overlap is not None:
+            self.overlap.close()
+            self.overlap = Overlap()  # a later fit in this process starts afresh
+
+    @property
+    def serves_rollouts(self) -> bool:
+        """Whether a service generates the student's rollouts (``data.rollout.url``)."""
+        return bool(self.rollout.url) and not self.refine.offline_round
 
     @property
     def refines(self) -> bool:

@@ -72,6 +72,16 @@ class RolloutOptions:
         compile_generation: ``torch.compile`` the decoding steps of ``generate`` (needs ``generation_cache: static``).
         max_generation_rows: the most rows any generation runs at once (rollouts, rewrites, validation); more run in
             chunks, which bounds the key/value cache. Rollouts do not depend on it. None: all rows of a call at once.
+        url: the address of an engine that generates the student's rollouts (vLLM or ``trd serve``; see the
+            README); after every optimizer step it gets the student's new weights: a LoRA adapter through
+            ``/v1/load_lora_adapter``, full weights through ``/collective_rpc`` ``reload_weights``. None: in-process.
+        service: timeout, retries, backoff and concurrency of the engine's requests.
+        sync_dir: the folder the student's weights are written to for the engine, one the engine can read (a
+            shared filesystem for an engine on another machine); None: a new temporary folder.
+        adapter_name: the name the engine serves a LoRA student's adapter under.
+        max_staleness: 0 generates each step's rollouts from the current weights. 1 overlaps: the rollouts,
+            verdicts and rewrites of step t+1 are produced (by the served engine and refiner) while step t trains,
+            from the weights after step t-1; needs ``url``, and a served refiner (``data.refine.url``) with TRD.
     """
 
     num_generations: int = 1
@@ -83,10 +93,26 @@ class RolloutOptions:
     generation_cache: Literal["dynamic", "static"] = "dynamic"
     compile_generation: bool = False
     max_generation_rows: int | None = None
+    url: str | None = None
+    service: ServiceOptions = ServiceOptions()
+    sync_dir: str | None = None
+    adapter_name: str = "student"
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         if self.num_generations < 1:
             raise ValueError(f"data.rollout.num_generations must be at least 1, got {self.num_generations}.")
+        check_url(self.url, "data.rollout.url")
+        if self.max_staleness not in (0, 1):
+            raise ValueError(
+                f"data.rollout.max_staleness must be 0 (synchronous) or 1 (one step overlapped), got "
+                f"{self.max_staleness}."
+            )
+        if self.max_staleness and not self.url:
+            raise ValueError(
+                "data.rollout.max_staleness: 1 overlaps generation with training on a served engine: set "
+                "data.rollout.url (vLLM or trd serve), or max_staleness: 0."
+            )
         # Built once here so that a bad value fails at construction, with its message.
         SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
         EngineOptions(self.decoder, self.generation_cache, self.compile_generation, self.max_generation_rows)

@@ -210,6 +210,8 @@ class DistillBatch:
         refined_text: ``y_r`` decoded where the row was refined, else None.
         num_generations: rollouts per prompt.
         stats: the step's rollout statistics (``rollout/``, ``refine/``, ``perf/``).
+        weight_version: [B] the student's weights each rollout was sampled from, in optimizer steps (-1: a written
+            rollout); behind the current step by ``data.rollout.max_staleness`` at most.
     """
 
     train: Sequences
@@ -219,6 +221,7 @@ class DistillBatch:
     refined_text: list[str | None]
     num_generations: int
     stats: dict[str, float] = field(default_factory=dict)
+    weight_version: Tensor | None = None
 
 
 @dataclass
@@ -320,6 +323,11 @@ class RolloutSpec:
     validation_samples: int
     verifies: bool
     refines: bool
+
+    @property
+    def longest_row(self) -> int:
+        """The longest teacher row: a context and a rollout, or a refine prompt and its rewrite."""
+        return max(self.longest_prompt + self.max_new_tokens, self.refine_tokens or 0)
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,11 @@ class ModelRewriter:
             self.sampling,
             [seeds[i] for i in chosen],
         )
-        # Every process scores, with no rows or many: under sharding each forward is collective.
-        student_lp = student.logprobs(rows.prompts.rows(chosen), y_r)
-        mean_lp = student_lp.sum(-1) / y_r.mask.sum(-1).clamp(min=1)
+        mean_lp = None  # no student to score with: an overlapped step, made while the student trains
+        if student is not None:
+            # Every process scores, with no rows or many: under sharding each forward is collective.
+            student_lp = student.logprobs(rows.prompts.rows(chosen), y_r)
+            mean_lp = student_lp.sum(-1) / y_r.mask.sum(-1).clamp(min=1)
         keep = [True] * len(chosen) if min_student_logprob is None else (mean_lp >= min_student_logprob).tolist()
         r_texts = tokenizer.batch_decode(y_r.ids, skip_special_tokens=True)
         stats = {"refine/selected": len(chosen) / len(rows.problem)}
@@ -136,17 +138,22 @@ class WrittenRewriter:
         return Rewrites(list(chosen), response, refine_prompts, written, [True] * len(chosen), stats)
 
 
-def rewrite_stats(y_o: Rollouts, y_r: Rollouts, mean_student_logprob: torch.Tensor, max_rows: int) -> dict[str, float]:
+def rewrite_stats(
+    y_o: Rollouts, y_r: Rollouts, mean_student_logprob: torch.Tensor | None, max_rows: int
+) -> dict[str, float]:
     """How far the rewrites moved the rollouts: length ratio, normalised token edit distance, the student's mean
-    log-prob of ``y_r`` (how far it left the student's support) and the rewrites' truncated share."""
+    log-prob of ``y_r`` (how far it left the student's support; where it was scored) and the rewrites' truncated
+    share."""
     len_o = y_o.mask.sum(-1).float().clamp(min=1)
     pairs = list(zip(y_o.lists(), y_r.lists()))[:max_rows]
-    return {
+    stats = {
         "refine/length_ratio": (y_r.mask.sum(-1).float() / len_o).mean().item(),
-        "refine/student_logprob": mean_student_logprob.mean().item(),
         "refine/truncated_frac": y_r.truncated.float().mean().item(),
         "refine/edit_distance": sum(token_edit_distance(a, b) for a, b in pairs) / len(pairs),
     }
+    if mean_student_logprob is not None:
+        stats["refine/student_logprob"] = mean_student_logprob.mean().item()
+    return stats
 
 
 def token_edit_distance(a: list[int], b: list[int]) -> float:

@@ -1,4 +1,5 @@
-"""The FastAPI app of ``trd serve``: ``/health``, ``/v1/models``, ``/tokenize`` and ``/v1/completions``.
+"""The FastAPI app of ``trd serve``: ``/health``, ``/v1/models``, ``/tokenize``, ``/v1/completions``, and vLLM's two
+weight-update calls, ``/v1/load_lora_adapter`` and ``/collective_rpc`` (``reload_weights``; see ``weights``).
 
 Handlers only translate: a request becomes a ``Job`` for the batching worker (one row per prompt and sample, each
 with its seed), and the worker's ``Result`` becomes vLLM's reply layout (``protocol``).
@@ -16,9 +17,16 @@ from fastapi.responses import JSONResponse, Response
 
 from trd_lightning.rollout.sampling import SamplingConfig
 from trd_lightning.rollout.seeds import derive_seed
-from trd_lightning.serve import protocol
+from trd_lightning.serve import protocol, weights
 from trd_lightning.serve.engine import BatchingWorker, Job, Result
-from trd_lightning.serve.protocol import BadRequest, CompletionRequest, ModelInfo, TokenizeRequest
+from trd_lightning.serve.protocol import (
+    BadRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    ModelInfo,
+    RpcRequest,
+    TokenizeRequest,
+)
 
 
 def build_app(worker: BatchingWorker, tokenizer, info: ModelInfo) -> FastAPI:
@@ -51,20 +59,49 @@ def build_app(worker: BatchingWorker, tokenizer, info: ModelInfo) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return JSONResponse(protocol.model_list(info.name, info.root, info.max_model_len, info.vocab_size))
+        served = weights.adapters(worker.engine.model)
+        return JSONResponse(protocol.model_list(info.name, info.root, info.max_model_len, info.vocab_size, served))
+
+    def adapter_of(name: str | None) -> str | None:
+        """The adapter a request names (None: the base model); an unknown name is a 404, as in vLLM."""
+        if name is None or name == info.name:
+            return None
+        if name in weights.adapters(worker.engine.model):
+            return name
+        raise BadRequest(f"The model `{name}` does not exist (this server serves `{info.name}`).", "model", 404)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadAdapterRequest):
+        def load():
+            worker.engine.model = weights.load_adapter(worker.engine.model, body.lora_name, body.lora_path)
+
+        await asyncio.wrap_future(worker.call(load))
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    @app.post("/collective_rpc")
+    async def collective_rpc(body: RpcRequest):
+        if body.method != "reload_weights" or "weights_path" not in body.kwargs:
+            raise BadRequest("trd serve answers collective_rpc for reload_weights with kwargs.weights_path only.")
+        path = str(body.kwargs["weights_path"])
+        await asyncio.wrap_future(worker.call(lambda: weights.reload_weights(worker.engine.model, path)))
+        return JSONResponse({"results": [None]})
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        return Response(status_code=200)  # nothing cached across requests here
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        _check_model(body.model, info)
+        adapter_of(body.model)
         ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
         strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return JSONResponse({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strs})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        _check_model(body.model, info)
+        adapter = adapter_of(body.model)
         protocol.check_request(body, info.vocab_size, info.max_model_len, info.max_logprobs)
-        job = _job(body)
+        job = _job(body, adapter)
         try:
             result = await asyncio.wrap_future(worker.submit(job))
         except Exception as error:  # the model failed on this batch: say so, as vLLM does, with a 500
@@ -75,12 +112,7 @@ def build_app(worker: BatchingWorker, tokenizer, info: ModelInfo) -> FastAPI:
     return app
 
 
-def _check_model(name: str | None, info: ModelInfo) -> None:
-    if name is not None and name != info.name:
-        raise BadRequest(f"The model `{name}` does not exist (this server serves `{info.name}`).", "model", 404)
-
-
-def _job(body: CompletionRequest) -> Job:
+def _job(body: CompletionRequest, adapter: str | None) -> Job:
     """One row per prompt and sample: sample i of a request seeded s is seeded s (n = 1) or derive_seed(s, 0,
     "sample", i); every prompt of a request takes the same seeds, as each is its own request in vLLM."""
     rows = protocol.prompt_rows(body.prompt)
@@ -98,6 +130,7 @@ def _job(body: CompletionRequest) -> Job:
         sampling=sampling,
         logprobs=body.logprobs,
         prompt_logprobs=body.prompt_logprobs,
+        adapter=adapter,
     )
 
 

@@ -46,7 +46,9 @@ class ServiceFailureCheckpoint(L.Callback):
 
 
 def service_callbacks(trainer: L.Trainer, served_teacher: bool) -> list[L.Callback]:
-    """A ``ServiceFailureCheckpoint`` for a run with a served teacher or refiner, unless it has one already."""
-    served = served_teacher or getattr(getattr(trainer, "datamodule", None), "serves_refiner", False)
+    """A ``ServiceFailureCheckpoint`` for a run with a served teacher, refiner or student engine, unless it has one
+    already."""
+    data = getattr(trainer, "datamodule", None)
+    served = served_teacher or any(getattr(data, name, False) for name in ("serves_refiner", "serves_rollouts"))
     present = any(isinstance(c, ServiceFailureCheckpoint) for c in trainer.callbacks)
     return [ServiceFailureCheckpoint()] if served and not present else []

@@ -8,11 +8,14 @@ once, naming the address and what was wrong.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+import torch
 
 from trd_lightning.serve.options import ServiceError, ServiceOptions
 
@@ -25,6 +28,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 # Replies worth another try: the server is busy, restarting, or failed on this batch.
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# Rounding in a server's float32 log-softmax leaves a log-prob at most this far above 0 (or a mass this far above 1).
+LOGPROB_SLACK = 1e-3
+# Sent with every generation request: a server fills the options a request leaves out from the model's
+# generation_config.json (vLLM applies Qwen2.5's repetition_penalty 1.05 even to greedy decoding), which would draw
+# other tokens than in-process generation.
+NEUTRAL_SAMPLING = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
 # A probe text with digits, spacing, punctuation and non-ASCII characters: tokenizers that differ split it apart.
 PROBE_TEXT = "Refine: 12 + 7 = 19, so x = -3.5; naïve café ∑ 東京\n  done."
 
@@ -42,16 +51,22 @@ class ServiceClient:
         self.url = url.rstrip("/").removesuffix("/v1")
         self.options, self.option = options, option
         self.model: str | None = None
+        self.max_model_len: int | None = None  # the served model's context, read by ``check``
         limits = httpx.Limits(
             max_connections=options.max_concurrency, max_keepalive_connections=options.max_concurrency
         )
-        self._http = httpx.Client(timeout=httpx.Timeout(options.timeout), limits=limits)
+        key = options.api_key()
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self._http = httpx.Client(timeout=httpx.Timeout(options.timeout), limits=limits, headers=headers)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------- requests
-    def request(self, method: str, path: str, body: dict | None = None, retries: int | None = None) -> Any:
-        """The JSON reply of ``method path``, retried on timeouts, refused connections and 5xx replies."""
+    def request(
+        self, method: str, path: str, body: dict | None = None, retries: int | None = None, text: bool = False
+    ) -> Any:
+        """The JSON reply of ``method path`` (its text with ``text``: vLLM answers some calls in plain words),
+        retried on timeouts, refused connections and 5xx replies."""
         retries = self.options.retries if retries is None else retries
         last = ""
         for attempt in range(retries + 1):
@@ -68,13 +83,18 @@ class ServiceClient:
             if reply.status_code in RETRY_STATUS:
                 last = f"HTTP {reply.status_code}: {_message(reply)}"
                 continue
+            if reply.status_code == 401:
+                raise ServiceError(
+                    self.url, f"The service at {self.url} ({self.option}) wants an API key: put it in an environment "
+                    "variable and name that variable in the service's api_key_env option (e.g. VLLM_API_KEY)."
+                )  # fmt: skip
             if reply.status_code != 200:
                 raise ServiceError(
                     self.url, f"The service at {self.url} ({self.option}) refused {method} {path}: "
                     f"HTTP {reply.status_code}: {_message(reply)}"
                 )  # fmt: skip
-            if not reply.content:
-                return None
+            if text or not reply.content:
+                return reply.text if text else None
             try:
                 return reply.json()
             except ValueError as error:
@@ -118,10 +138,11 @@ class ServiceClient:
         self._http.close()
 
     # --------------------------------------------------------- start checks
-    def check(self, tokenizer, vocab_size: int, probe: dict) -> tuple[list[int], dict]:
-        """Before any weights load: the service answers, serves the student's tokenizer and vocabulary, and takes
-        ``probe`` (a completion body: the options the run's requests will use) on the student's last token id;
-        returns the probe's prompt and reply, for the caller to read as it will read the run's replies.
+    def check(self, tokenizer, vocab_size: int, probe: dict, needed: int | None = None) -> tuple[list[int], dict]:
+        """Before any weights load: the service answers, serves the student's tokenizer and vocabulary, holds
+        ``needed`` positions (the run's longest request, prompt and new tokens), and takes ``probe`` (a completion
+        body: the options the run's requests will use) on the student's last token id; returns the probe's prompt
+        and reply, for the caller to read as it will read the run's replies.
 
         Raises:
             ServiceError: naming the address and the fix.
@@ -142,6 +163,15 @@ class ServiceClient:
         served = data[0].get("vocab_size")  # trd serve says; vLLM's cards do not
         if served is not None and served != vocab_size:
             raise self.mismatch(f"a vocabulary of {served} where the student's has {vocab_size}")
+        self.max_model_len = data[0].get("max_model_len")
+        if needed is not None and self.max_model_len is not None and self.max_model_len < needed:
+            # vLLM would cut such requests short without a word (it clamps max_tokens to the context left).
+            raise ServiceError(
+                self.url,
+                f"The service at {self.url} ({self.option}) holds {self.max_model_len} positions, but the run's "
+                f"longest request needs {needed}: restart it with a larger --max-model-len (vLLM), or lower the "
+                "run's prompt and new-token budgets.",
+            )
         expected = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         reply = self.request(
             "POST", "/tokenize", {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
@@ -153,7 +183,15 @@ class ServiceClient:
             )
         # The student's last id must be valid there (a smaller vocabulary refuses it), with the run's options.
         prompt = [expected[0], vocab_size - 1]
-        return prompt, self.complete({**probe, "prompt": prompt})
+        try:
+            return prompt, self.complete({**probe, "prompt": prompt})
+        except ServiceError as error:
+            raise ServiceError(
+                self.url,
+                f"{error}\nThe refused probe held the student's last token id ({vocab_size - 1}) and the run's request "
+                "options: a model with a smaller vocabulary refuses the id (serve one with the student's vocabulary), "
+                "and vLLM refuses more log-probs than its --max-logprobs (restart it with a larger --max-logprobs).",
+            ) from error
 
     def mismatch(self, what: str) -> ServiceError:
         return ServiceError(
@@ -197,7 +235,19 @@ def generated_logprobs(client: ServiceClient, choice: dict, count: int) -> list[
     values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
     if not isinstance(values, list) or len(values) != count or not all(isinstance(v, (int, float)) for v in values):
         raise client.malformed(f"a choice's logprobs.token_logprobs is not {count} numbers")
+    if any(v > LOGPROB_SLACK for v in values):
+        raise not_logprobs(client, math.exp(max(values)))
     return [float(v) for v in values]
+
+
+def not_logprobs(client: ServiceClient, what: float) -> ServiceError:
+    """A server that sends logits where log-probs belong (vLLM's ``--logprobs-mode raw_logits``)."""
+    return ServiceError(
+        client.url,
+        f"The service at {client.url} ({client.option}) sends scores that are not log-probs ({what:.4g}: a "
+        "probability above 1): start vLLM with --logprobs-mode raw_logprobs (its default) or processed_logprobs, "
+        "not a *_logits mode.",
+    )
 
 
 def prompt_scores(
@@ -225,6 +275,9 @@ def prompt_scores(
             raise client.malformed(f"prompt_logprobs[{at}] holds {len(top)} entries for prompt_logprobs={k}")
         if not all(0 <= t < vocab_size for _, t, _ in top):
             raise client.mismatch(f"a scored token id outside the student's vocabulary of {vocab_size}")
+        mass = torch.tensor([v for _, _, v in top], dtype=torch.float64).logsumexp(0).item()
+        if mass > LOGPROB_SLACK:  # the top-k of a distribution hold at most all of its mass
+            raise not_logprobs(client, math.exp(mass))
         ids.append([t for _, t, _ in top])
         values.append([v for _, _, v in top])
         own.append(float(entries[str(prompt[at])]["logprob"]))

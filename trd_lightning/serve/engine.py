@@ -8,9 +8,11 @@ generation. Scoring (``prompt_logprobs``) is one forward over the batch's prompt
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -33,6 +35,7 @@ class Job:
         sampling: how the rows sample.
         logprobs: top log-probs wanted per generated token (None: none; 0: the drawn token's alone).
         prompt_logprobs: top log-probs wanted per prompt position (None: no scoring).
+        adapter: the LoRA adapter the rows run with (None: the base model).
         future: resolved with the job's ``Result``.
     """
 
@@ -41,6 +44,15 @@ class Job:
     sampling: SamplingConfig
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    adapter: str | None = None
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Call:
+    """A change to the served model (new weights, an adapter), run on the worker's thread between batches."""
+
+    fn: Callable[[], object]
     future: Future = field(default_factory=Future)
 
 
@@ -69,7 +81,7 @@ class BatchingWorker:
 
     def __init__(self, engine: LocalEngine, max_rows: int, wait: float = 0.05, chunk_size: int = 1024) -> None:
         self.engine, self.max_rows, self.wait, self.chunk_size = engine, max_rows, wait, chunk_size
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: queue.Queue[Job | Call | None] = queue.Queue()
         self.batches = 0  # batches run so far
         self.thread = threading.Thread(target=self._loop, name="trd-serve-worker", daemon=True)
         self.thread.start()
@@ -77,6 +89,12 @@ class BatchingWorker:
     def submit(self, job: Job) -> Future:
         self.jobs.put(job)
         return job.future
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the worker's thread once the batch in flight is done; the future holds its result."""
+        call = Call(fn)
+        self.jobs.put(call)
+        return call.future
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -87,17 +105,23 @@ class BatchingWorker:
             first = self.jobs.get()
             if first is None:
                 return
+            if isinstance(first, Call):
+                _resolve(first.future, first.fn)
+                continue
             # Gather until no job came for ``wait`` seconds (a step's requests arrive over some milliseconds), at
             # most ``20 * wait`` in all, or until the batch is full.
-            batch, rows = [first], len(first.prompts)
+            batch, rows, after = [first], len(first.prompts), None
             last = time.monotonic() + 20 * self.wait
-            while rows < self.max_rows:
+            while rows < self.max_rows and after is None:
                 try:
                     job = self.jobs.get(timeout=max(min(self.wait, last - time.monotonic()), 0))
                 except queue.Empty:
                     break
                 if job is None:
                     self.jobs.put(None)  # stop after this batch
+                    break
+                if isinstance(job, Call):  # the batch gathered so far runs on the old weights, then the change
+                    after = job
                     break
                 batch.append(job)
                 rows += len(job.prompts)
@@ -107,13 +131,36 @@ class BatchingWorker:
             except Exception as error:  # the requests of a failed batch get the error; the worker goes on
                 for job in batch:
                     job.future.set_exception(error)
-                continue
-            for job, result in zip(batch, results):
-                job.future.set_result(result)
+            else:
+                for job, result in zip(batch, results):
+                    job.future.set_result(result)
+            if after is not None:
+                _resolve(after.future, after.fn)
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> list[Result]:
-        """The results of ``jobs``, run together: one scoring pass, then one generation call per sampling setting."""
+        """The results of ``jobs``, each adapter's jobs run together (see ``_run``), in the order given."""
+        done: dict[int, Result] = {}
+        for adapter in dict.fromkeys(j.adapter for j in jobs):
+            group = [j for j in jobs if j.adapter == adapter]
+            with self._adapter(adapter):
+                done.update(zip(map(id, group), self._run(group)))
+        return [done[id(j)] for j in jobs]
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str | None):
+        model = self.engine.model
+        if not hasattr(model, "peft_config"):
+            yield
+        elif name is None:
+            with model.disable_adapter():
+                yield
+        else:
+            model.set_adapter(name)
+            yield
+
+    def _run(self, jobs: list[Job]) -> list[Result]:
+        """One model's results: one scoring pass, then one generation call per sampling setting."""
         scoring = [j for j in jobs if j.prompt_logprobs is not None]
         scored = self._score(scoring) if scoring else {}
         out: dict[int, tuple[list, list, list]] = {}
@@ -246,3 +293,10 @@ class BatchingWorker:
             out.append(flat[at : at + len(row)])
             at += len(row)
         return out
+
+
+def _resolve(future: Future, fn: Callable[[], object]) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as error:  # the caller gets the error; the worker goes on
+        future.set_exception(error)

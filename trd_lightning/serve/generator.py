@@ -14,8 +14,8 @@ import torch
 from trd_lightning.hf import load_config
 from trd_lightning.rollout.batch import Prompts, Rollouts
 from trd_lightning.rollout.sampling import SamplingConfig
-from trd_lightning.serve.client import ServiceClient, generated_logprobs, prompt_scores, token_ids
-from trd_lightning.serve.options import ServiceOptions
+from trd_lightning.serve.client import NEUTRAL_SAMPLING, ServiceClient, generated_logprobs, prompt_scores, token_ids
+from trd_lightning.serve.options import ServiceError, ServiceOptions
 
 
 class ServedEngine:
@@ -35,10 +35,11 @@ class ServedEngine:
         self.client = ServiceClient(url, options, option)
         self.pad_id, self.vocab_size = pad_id, vocab_size
 
-    def check(self, tokenizer) -> None:
-        """The start checks (``ServiceClient.check``), then the probe's reply read as a rewrite is read."""
+    def check(self, tokenizer, needed: int | None = None) -> None:
+        """The start checks (``ServiceClient.check``; ``needed``: the run's longest request in positions), then the
+        probe's reply read as a rewrite is read."""
         sampling = SamplingConfig(max_new_tokens=1, temperature=0.0)
-        _, reply = self.client.check(tokenizer, self.vocab_size, self._body([[0]], sampling, 0))
+        _, reply = self.client.check(tokenizer, self.vocab_size, self._body([[0]], sampling, 0), needed)
         self._read(reply["choices"][0], 1)
 
     def generate(self, prompts: Prompts, sampling: SamplingConfig, seeds: Sequence[int]) -> Rollouts:
@@ -92,10 +93,20 @@ class ServedEngine:
             "n": 1,
             "logprobs": 0,
             "return_token_ids": True,
+            **NEUTRAL_SAMPLING,
         }
 
     def _generate_rows(self, body: dict) -> list[tuple[list[int], list[float], bool]]:
-        return [self._read(choice, body["max_tokens"]) for choice in self.client.complete(body)["choices"]]
+        # vLLM ends a request it had to drop (preempted, engine restarting) with finish_reason "abort": ask again.
+        for _ in range(self.client.options.retries + 1):
+            choices = self.client.complete(body)["choices"]
+            if all(c.get("finish_reason") != "abort" for c in choices):
+                return [self._read(choice, body["max_tokens"]) for choice in choices]
+        raise ServiceError(
+            self.client.url,
+            f"The service at {self.client.url} ({self.client.option}) aborted a request "
+            f"{self.client.options.retries + 1} times: check its log (out of KV-cache memory, or restarting).",
+        )
 
     def _read(self, choice: dict, max_tokens: int) -> tuple[list[int], list[float], bool]:
         """(ids, their log-probs, truncated) of one choice; a response stops at an end token or at ``max_tokens``."""
@@ -106,20 +117,23 @@ class ServedEngine:
         return ids, generated_logprobs(self.client, choice, len(ids)), reason == "length"
 
 
-def connect_refiner(url: str, options: ServiceOptions, tokenizer, student: str) -> ServedEngine:
-    """The served refiner of a run, checked against the student's tokenizer and vocabulary before any weights load.
+def connect(url: str, options: ServiceOptions, tokenizer, student: str, needed: int, option: str) -> ServedEngine:
+    """A served generator of a run (the refiner, or the student's rollouts), checked against the student's tokenizer
+    and vocabulary, and against the run's longest request, before any weights load.
 
     Args:
-        url: the service's address (``data.refine.url``).
+        url: the service's address.
         options: its timeout, retries, backoff and concurrency.
         tokenizer: the student's tokenizer.
         student: the student's (or its tokenizer's) name or path: its config gives the vocabulary, else the
             tokenizer does.
+        needed: the run's longest request to it: prompt budget plus new tokens.
+        option: the config option that set the address (``data.refine.url``, ``data.rollout.url``).
     """
     try:
         vocab = load_config(student).vocab_size
     except (OSError, ValueError):  # a tokenizer folder without a model config
         vocab = len(tokenizer)
-    engine = ServedEngine(url, options, tokenizer.pad_token_id, vocab)
-    engine.check(tokenizer)
+    engine = ServedEngine(url, options, tokenizer.pad_token_id, vocab, option)
+    engine.check(tokenizer, needed)
     return engine

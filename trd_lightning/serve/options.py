@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ class ServiceOptions:
         max_concurrency: requests in flight at once from one process (the server batches concurrent requests).
         rows_per_request: rows one request carries where no seed tells them apart (greedy rewrites, teacher
             scores); a sampled rewrite goes alone, with its row's seed (a request has one seed).
+        api_key_env: the environment variable holding the service's API key (``vllm serve --api-key``), sent as
+            a bearer token; None sends none. The key itself never goes into a config or a checkpoint.
     """
 
     timeout: float = 600.0
@@ -30,6 +33,7 @@ class ServiceOptions:
     backoff: float = 2.0
     max_concurrency: int = 32
     rows_per_request: int = 8
+    api_key_env: str | None = None
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -42,6 +46,18 @@ class ServiceOptions:
             raise ValueError(f"service rows_per_request must be at least 1, got {self.rows_per_request}.")
         if self.max_concurrency < 1:
             raise ValueError(f"service max_concurrency must be at least 1, got {self.max_concurrency}.")
+
+    def api_key(self) -> str | None:
+        """The API key from ``api_key_env``; a variable named but unset is an error naming it."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(
+                f"The service's api_key_env names {self.api_key_env}, which is not set: export {self.api_key_env} "
+                "with the server's API key, or set api_key_env: null."
+            )
+        return key
 
 
 class ServiceError(RuntimeError):

@@ -58,6 +58,22 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool | None = False
 
 
+class LoadAdapterRequest(BaseModel):
+    """``POST /v1/load_lora_adapter``: a peft adapter directory, served under ``lora_name``."""
+
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class RpcRequest(BaseModel):
+    """``POST /collective_rpc`` (vLLM's development mode); ``trd serve`` answers ``reload_weights`` only."""
+
+    method: str
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class BadRequest(ValueError):
     """A request this server cannot answer, with the HTTP status and the field at fault."""
 
@@ -128,20 +144,24 @@ def error_body(message: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def model_list(name: str, root: str, max_model_len: int, vocab_size: int) -> dict:
-    """``GET /v1/models``: one card; ``vocab_size`` is our extension (vLLM's cards have none), read where present."""
-    card = {
-        "id": name,
-        "object": "model",
-        "created": int(time.time()),
-        "owned_by": "trd-lightning",
-        "root": root,
-        "parent": None,
-        "max_model_len": max_model_len,
-        "permission": [],
-        "vocab_size": vocab_size,
-    }
-    return {"object": "list", "data": [card]}
+def model_list(name: str, root: str, max_model_len: int, vocab_size: int, adapters: list[str] = ()) -> dict:
+    """``GET /v1/models``: the base model's card, then one per loaded adapter (its ``parent`` the base, as vLLM
+    lists them); ``vocab_size`` is our extension (vLLM's cards have none), read where present."""
+
+    def card(model: str, parent: str | None) -> dict:
+        return {
+            "id": model,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "trd-lightning",
+            "root": root,
+            "parent": parent,
+            "max_model_len": max_model_len,
+            "permission": [],
+            "vocab_size": vocab_size,
+        }
+
+    return {"object": "list", "data": [card(name, None), *(card(a, name) for a in adapters)]}
 
 
 def completion_reply(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from trd_lightning.rollout.batch import Sequences
 from trd_lightning.serve.client import ServiceClient, prompt_scores
-from trd_lightning.serve.options import ServiceOptions
+from trd_lightning.serve.options import ServiceError, ServiceOptions
 
 
 @dataclass
@@ -57,9 +57,17 @@ class ServedTeacher:
         self.client = ServiceClient(url, options, "model.teacher_url")
         self.k, self.vocab_size = k, vocab_size
 
-    def check(self, tokenizer) -> None:
-        """The start checks, with a probe that asks ``prompt_logprobs: k`` (the server must allow that many)."""
-        prompt, reply = self.client.check(tokenizer, self.vocab_size, self._body([[0]]))
+    def check(self, tokenizer, needed: int | None = None) -> None:
+        """The start checks (``needed``: the longest teacher row plus the one token generated alongside), with a
+        probe that asks ``prompt_logprobs: k`` (the server must allow that many)."""
+        prompt, reply = self.client.check(tokenizer, self.vocab_size, self._body([[0]]), needed)
+        if not isinstance(reply["choices"][0].get("prompt_logprobs"), list):
+            raise ServiceError(
+                self.client.url,
+                f"The service at {self.client.url} (model.teacher_url) returns no prompt_logprobs, so it cannot score "
+                "as a teacher (SGLang's completions route has none): serve the teacher with vLLM or trd serve; such a "
+                "server can still serve the refiner (data.refine.url).",
+            )
         prompt_scores(self.client, reply["choices"][0], prompt, 1, self.k, self.vocab_size)
 
     def scores(self, seqs: Sequences) -> TeacherScores:
@@ -97,12 +105,13 @@ class ServedTeacher:
         return {"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": self.k}
 
 
-def connect_teacher(hp, options: ServiceOptions, vocab_size: int) -> ServedTeacher:
-    """The served teacher of a module with hyperparameters ``hp``, checked against its student before any weights
-    load; ``sampled_token`` needs only the token's own log-prob, so it asks for one top entry."""
+def connect_teacher(hp, options: ServiceOptions, vocab_size: int, needed: int | None = None) -> ServedTeacher:
+    """The served teacher of a module with hyperparameters ``hp``, checked against its student (and ``needed``, the
+    longest teacher row plus one) before any weights load; ``sampled_token`` needs only the token's own log-prob, so
+    it asks for one top entry."""
     from trd_lightning.hf import load_tokenizer
 
     k = hp.loss_top_k if hp.loss == "topk" else 1
     teacher = ServedTeacher(hp.teacher_url, options, k, vocab_size)
-    teacher.check(load_tokenizer(hp.student, hp.trust_remote_code))
+    teacher.check(load_tokenizer(hp.student, hp.trust_remote_code), needed)
     return teacher
