@@ -10,6 +10,11 @@ head size of 32 or more); they share the tiny models' tokenizer.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import httpx
 import lightning as L
 import pytest
@@ -22,7 +27,11 @@ from trd_lightning.lora import LoraOptions
 from trd_lightning.serve import ServiceError, ServiceOptions
 
 TEACHER, STUDENT = str(locate("trd-demo/teacher")), str(locate("trd-demo/student"))
+# The teacher's server wants an API key, read from this variable by the client (api_key_env).
+KEY_ENV = "TRD_TEST_VLLM_KEY"
+os.environ[KEY_ENV] = "test-key-not-a-secret"
 QUICK = ServiceOptions(timeout=300, retries=1, backoff=0.5)
+KEYED = ServiceOptions(timeout=300, retries=1, backoff=0.5, api_key_env=KEY_ENV)
 # At most this share of greedy rows may differ from in-process decoding (near-ties broken by other kernels).
 TIE_SHARE = 0.125
 FAST = {"lr": 0.05, "max_grad_norm": None}
@@ -31,13 +40,18 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
 
 @pytest.fixture(scope="module")
 def vllm(tmp_path_factory):
-    """Two vLLM servers, started together: the demo teacher, and the demo student with runtime LoRA updates and
-    the development mode's ``/collective_rpc`` (full-weight reloads)."""
+    """Two vLLM servers, started together: the demo teacher (behind an API key), and the demo student with runtime
+    LoRA updates and the development mode's ``/collective_rpc`` (full-weight reloads)."""
     logs = tmp_path_factory.mktemp("vllm_logs")
     lora = ("--enable-lora", "--max-lora-rank", "8")
     dev = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    # The teacher with a repetition penalty in its generation config, which vLLM applies to every request that
+    # does not set one: the client's neutral penalties must keep the rewrites the in-process ones.
+    teacher = Path(shutil.copytree(TEACHER, tmp_path_factory.mktemp("teacher") / "model"))
+    config = json.loads((teacher / "generation_config.json").read_text())
+    (teacher / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
     servers = {
-        "teacher": VllmServer(TEACHER, logs / "teacher.log").start(),
+        "teacher": VllmServer(str(teacher), logs / "teacher.log", "--api-key", os.environ[KEY_ENV]).start(),
         "student": VllmServer(STUDENT, logs / "student.log", *lora, env=dev).start(),
     }
     try:
@@ -71,7 +85,7 @@ def test_the_served_refiners_greedy_rewrites_are_the_in_process_ones(make_run, v
     refine = {"enabled": True, "temperature": 0.0}
     data = {"refine": refine, "rollout": {"num_generations": 2}}
     local, _, _ = fit(make_run, tmp_path / "local", {"teacher": TEACHER}, data, batch_size=8)
-    served_data = {**data, "refine": {**refine, "url": vllm["teacher"].url, "service": QUICK}}
+    served_data = {**data, "refine": {**refine, "url": vllm["teacher"].url, "service": KEYED}}
     served, _, _ = fit(make_run, tmp_path / "served", {"teacher": TEACHER}, served_data, batch_size=8)
     texts = [b.produced.refined_text for b in local]
     assert all(b.produced.refined.all() for b in served) and len({t for x in texts for t in x}) > 4
@@ -85,7 +99,7 @@ def test_the_served_teachers_loss_is_the_in_process_one(make_run, vllm, tmp_path
     """vLLM's float32 kernels are not ours: the step's loss agrees to 1e-3 relative (the rollouts are the same)."""
     model = {"teacher": TEACHER, "loss": loss, "loss_top_k": 8}
     _, local, _ = fit(make_run, tmp_path / "local", model)
-    served_model = {**model, "teacher_url": vllm["teacher"].url, "teacher_service": QUICK}
+    served_model = {**model, "teacher_url": vllm["teacher"].url, "teacher_service": KEYED}
     _, served, trainer = fit(make_run, tmp_path / "served", served_model)
     assert trainer.lightning_module.teacher is None and abs(local[1]) > 0.05
     assert served[1] == pytest.approx(local[1], rel=1e-3)
@@ -93,13 +107,18 @@ def test_the_served_teachers_loss_is_the_in_process_one(make_run, vllm, tmp_path
 
 def test_the_start_checks_refuse_a_misconfigured_server_with_the_fix(make_run, vllm, tiny, tmp_path):
     url = vllm["teacher"].url
+    # No key for a server started with --api-key.
+    model = {"loss": "topk", "loss_top_k": 8, "teacher_url": url, "teacher_service": QUICK}
+    trainer, module, dm = make_run(root=tmp_path / "key", model=model)
+    with pytest.raises(ServiceError, match="wants an API key.*api_key_env"):
+        trainer.fit(module, dm)
     # Top-32 scores from a server that allows 20 (--max-logprobs 20).
-    model = {"loss": "topk", "loss_top_k": 32, "teacher_url": url, "teacher_service": QUICK}
+    model = {"loss": "topk", "loss_top_k": 32, "teacher_url": url, "teacher_service": KEYED}
     trainer, module, dm = make_run(root=tmp_path / "a", model=model)
     with pytest.raises(ServiceError, match="larger --max-logprobs"):
         trainer.fit(module, dm)
     # Rewrites longer than its context (--max-model-len 512): vLLM would cut them short without a word.
-    refine = {"enabled": True, "url": url, "service": QUICK, "max_prompt_length": 500, "max_new_tokens": 64}
+    refine = {"enabled": True, "url": url, "service": KEYED, "max_prompt_length": 500, "max_new_tokens": 64}
     trainer, module, dm = make_run(root=tmp_path / "b", model={"teacher": TEACHER}, data={"refine": refine})
     with pytest.raises(ServiceError, match="holds 512 positions, but the run's longest request needs 564.*--max-model-len"):
         trainer.fit(module, dm)
@@ -150,7 +169,7 @@ def test_trd_opsd_with_the_refiner_and_the_lora_student_on_one_server(make_run, 
 def test_trd_opd_served_and_overlapped(make_run, vllm, tmp_path):
     """TRD-OPD with the student's rollouts and the rewrites on vLLM, one step of overlap: each step after the
     first trains on rollouts of the weights one step older, and they are the in-process rollouts of those weights."""
-    refine = {"enabled": True, "temperature": 0.0, "url": vllm["teacher"].url, "service": QUICK}
+    refine = {"enabled": True, "temperature": 0.0, "url": vllm["teacher"].url, "service": KEYED}
     data = {"refine": refine, "rollout": {"max_staleness": 1}}
     twin, batches, trainer = student_run(
         make_run, tmp_path, vllm["student"].url, {"teacher": TEACHER, "lora": LoraOptions(r=8, alpha=16)}, data, 4

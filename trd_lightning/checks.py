@@ -22,7 +22,7 @@ def check_module_options(hp) -> None:
         raise ValueError(f"model.loss_temperature must be > 0, got {hp.loss_temperature}.")
     if not 0.0 <= hp.ema_decay < 1.0:
         raise ValueError(f"model.ema_decay must be in [0, 1), got {hp.ema_decay}.")
-    for name in ("pointwise_clip", "token_clip", "max_grad_norm", "loss_chunk_mib"):
+    for name in ("pointwise_clip", "loss_ratio_clip", "token_clip", "max_grad_norm", "loss_chunk_mib"):
         if hp[name] is not None and not hp[name] > 0:
             raise ValueError(f"model.{name} must be > 0, got {hp[name]}.")
     for name in ("micro_batch_size", "micro_batch_tokens", "loss_chunk_size", "loss_top_k", "topd_window"):

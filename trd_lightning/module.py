@@ -66,6 +66,8 @@ class DistillationModule(L.LightningModule):
         loss_top_k_tail: add a tail bucket (the mass outside the support) instead of renormalising.
         loss_top_k_support: whose top-k forms the support: ``teacher`` or ``student``.
         pointwise_clip: the per-entry ceiling of ``loss: pointwise_clip`` (OPSD uses 0.05).
+        loss_ratio_clip: ``sampled_token``'s importance ratio to the behaviour log-probs capped here (TIS), for
+            stale or engine-sampled rollouts; None: uncapped (the other losses recompute the student's log-probs).
         token_clip: clamp each token's loss at this value (loss truncation; the TRD paper's baseline uses 0.1);
             None turns it off.
         topd: TOPD-style weighting (our reading of arXiv 2606.00305's abstract): only tokens whose loss exceeds
@@ -119,6 +121,7 @@ class DistillationModule(L.LightningModule):
         loss_top_k_tail: bool = True,
         loss_top_k_support: Literal["teacher", "student"] = "teacher",
         pointwise_clip: float = 0.05,
+        loss_ratio_clip: float | None = None,
         token_clip: float | None = None,
         topd: bool = False,
         topd_threshold: float = 1.0,
@@ -152,7 +155,7 @@ class DistillationModule(L.LightningModule):
         check_optimizer(lr, weight_decay, betas, warmup_ratio, min_lr_ratio)
         spec = LossSpec(
             loss, beta, loss_temperature, loss_top_k, loss_top_k_tail, loss_top_k_support, pointwise_clip,
-            loss_implementation, loss_fused, loss_chunk_size, loss_chunk_mib,
+            loss_implementation, loss_fused, loss_chunk_size, loss_chunk_mib, loss_ratio_clip,
         )  # fmt: skip
         self.objective = Objective(spec, token_clip, topd, topd_threshold, topd_window, topd_discount)
         self.lora_options = lora  # typed: under LightningCLI ``hparams.lora`` is the config's plain dict
@@ -175,7 +178,7 @@ class DistillationModule(L.LightningModule):
         if hp.teacher_url and self.served_teacher is None:  # up, same tokenizer and vocabulary: before any weights
             from trd_lightning.serve.teacher import connect_teacher  # the serve extra, needed only here
 
-            needed = None if spec is None else spec.longest_row + 1  # vLLM generates one token alongside
+            needed = None if spec is None else spec.longest_row + 1  # one token is generated alongside
             self.served_teacher = connect_teacher(hp, self.teacher_service, student_cfg.vocab_size, needed)
         elif hp.teacher_kind == "frozen" and not hp.teacher_url:
             teacher_cfg = load_config(hp.teacher, hp.trust_remote_code)
@@ -328,12 +331,9 @@ class DistillationModule(L.LightningModule):
 
     # --------------------------------------------------------------- logging
     def _logger_writes(self) -> bool:
-        """True on the steps the logger writes (``trainer.log_every_n_steps``).
-
-        Each ``self.log`` costs about a millisecond of Lightning's bookkeeping, a few percent of a small model's
-        step, so the step's statistics are only logged when they will be written; ``train/loss`` is logged every
-        step (progress bar, ``trainer.callback_metrics``). Lightning's own monitors gate on the same private property.
-        """
+        """True on the steps the logger writes (``trainer.log_every_n_steps``): each ``self.log`` costs about a
+        millisecond, a few percent of a small model's step, so statistics are logged only then (``train/loss``
+        every step). Lightning's own monitors gate on the same private property."""
         return self.trainer._logger_connector.should_update_logs
 
     def _log_step(self, loss, token_losses: torch.Tensor, total: torch.Tensor, grad_norm, seconds: float) -> None:

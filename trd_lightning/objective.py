@@ -68,7 +68,8 @@ class Objective:
             student_lp = losses.chunked_token_loss(
                 rows, token_logprobs[:, None], head, _identity, _student_token, chunk, seqs.response_ids[mask]
             )
-            per_token = losses.sampled_token_loss(student_lp, token_logprobs, seqs.token_behavior_logprobs(student_lp))
+            behavior = seqs.token_behavior_logprobs(student_lp)
+            per_token = losses.sampled_token_loss(student_lp, token_logprobs, behavior, self.spec.ratio_clip)
         else:
             divergence = partial(losses.served_topk_divergence, beta=self.spec.beta, tail=self.spec.top_k_tail)
             per_token = losses.chunked_token_loss(rows, top_logprobs, head, _identity, divergence, chunk, ids)

@@ -208,7 +208,9 @@ def topk_divergence(
     return divergence_from_logprobs(s_logp, t_logp, beta)
 
 
-def sampled_token_loss(student_logp: Tensor, teacher_logp: Tensor, behavior_logp: Tensor) -> Tensor:
+def sampled_token_loss(
+    student_logp: Tensor, teacher_logp: Tensor, behavior_logp: Tensor, ratio_clip: float | None = None
+) -> Tensor:
     """Per-token loss of the sampled-token (Thinking-Machines/tinker) estimator.
 
     The advantage is the stop-gradient per-token reverse-KL estimate
@@ -223,6 +225,9 @@ def sampled_token_loss(student_logp: Tensor, teacher_logp: Tensor, behavior_logp
         student_logp: Student log-prob of each sampled token, shape ``[...]``.
         teacher_logp: Teacher log-prob of the same tokens, shape ``[...]``.
         behavior_logp: Log-prob under the policy that sampled the tokens.
+        ratio_clip: truncated importance sampling (TIS): the ratio's weight is capped at this value, ``-(A *
+            min(r, C))`` with the gradient ``-A * min(r, C) * grad(log p_S(x))``, for rollouts sampled by older
+            weights (overlap) or another engine's kernels; None leaves the ratio whole.
 
     Returns:
         The per-token loss, shape ``[...]``, float32.
@@ -230,7 +235,10 @@ def sampled_token_loss(student_logp: Tensor, teacher_logp: Tensor, behavior_logp
     student_logp = student_logp.float()
     advantage = -(student_logp - teacher_logp.float()).detach()
     ratio = torch.exp(student_logp - behavior_logp.float().detach())
-    return -(advantage * ratio)
+    if ratio_clip is None:
+        return -(advantage * ratio)
+    # exp(x - x.detach()) is 1 with the gradient of x: the capped weight multiplies grad log p_S.
+    return -(advantage * ratio.detach().clamp(max=ratio_clip) * torch.exp(student_logp - student_logp.detach()))
 
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:

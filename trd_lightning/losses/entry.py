@@ -57,6 +57,7 @@ class LossSpec:
             off, backward recomputes each chunk (less memory held between the passes, more time).
         chunk_size: positions per chunk; None sizes chunks by ``chunk_mib``.
         chunk_mib: MiB of one float32 ``[positions, vocabulary]`` tensor of a chunk.
+        ratio_clip: ``sampled_token``'s truncated importance ratio (the cap C); None: the ratio uncapped.
     """
 
     kind: LossKind = "jsd"
@@ -70,6 +71,7 @@ class LossSpec:
     fused: bool = True
     chunk_size: int | None = None
     chunk_mib: float = 128.0
+    ratio_clip: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -122,14 +124,17 @@ def loss_function(spec: LossSpec) -> Callable[..., Tensor]:
         return partial(
             pointwise_clipped_divergence, beta=spec.beta, temperature=spec.temperature, clip=spec.pointwise_clip
         )
-    return partial(_sampled_token, temperature=spec.temperature)
+    return partial(_sampled_token, temperature=spec.temperature, ratio_clip=spec.ratio_clip)
 
 
-def _sampled_token(student_logits, teacher_logits, token_ids, behavior_logprobs, sampled, temperature: float) -> Tensor:
+def _sampled_token(
+    student_logits, teacher_logits, token_ids, behavior_logprobs, sampled, temperature: float, ratio_clip
+) -> Tensor:
     student = token_logprobs(student_logits, token_ids, temperature)
     # A token no policy sampled (a rewrite's) has no behaviour log-prob: its importance ratio is one.
     behavior = torch.where(sampled, behavior_logprobs, student.detach())
-    return sampled_token_loss(student, token_logprobs(teacher_logits, token_ids, temperature), behavior)
+    teacher = token_logprobs(teacher_logits, token_ids, temperature)
+    return sampled_token_loss(student, teacher, behavior, ratio_clip)
 
 
 def linear_weight(head) -> Tensor | None:
