@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from trd_lightning.rollout.sampling import SamplingConfig
 from trd_lightning.serve import ServiceError, ServiceOptions
 from trd_lightning.serve.client import ServiceClient, generated_logprobs, prompt_scores
 from trd_lightning.serve.generator import ServedEngine
-from trd_lightning.rollout.sampling import SamplingConfig
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "vllm_completion.json").read_text())
 QWEN_VOCAB = 151936
@@ -77,3 +77,15 @@ def test_the_api_key_comes_from_the_variable_it_names(monkeypatch):
     monkeypatch.delenv("TRD_TEST_KEY")
     with pytest.raises(ValueError, match="names TRD_TEST_KEY, which is not set: export TRD_TEST_KEY"):
         client(ServiceOptions(api_key_env="TRD_TEST_KEY"))
+
+
+def test_a_server_without_prompt_logprobs_is_refused_as_a_teacher_but_named_as_a_refiner():
+    """SGLang's completions route drops ``prompt_logprobs``: its reply to the start probe has none."""
+    from trd_lightning.serve.teacher import ServedTeacher
+
+    teacher = ServedTeacher("http://sglang.example:30000", ServiceOptions(), 2, QWEN_VOCAB)
+    reply = copy.deepcopy(FIXTURE["score"]["reply"])
+    reply["choices"][0].pop("prompt_logprobs")
+    teacher.client.check = lambda tokenizer, vocab, probe, needed: (FIXTURE["score"]["request"]["prompt"], reply)
+    with pytest.raises(ServiceError, match="returns no prompt_logprobs.*SGLang.*can still serve the refiner"):
+        teacher.check(tokenizer=None)

@@ -48,7 +48,9 @@ def test_served_rollouts_are_the_in_process_ones_of_the_same_weights(make_run, s
     twin, keep, rec, trainer = served_run(make_run, tmp_path, student_server.url, model)
     assert twin.rows == 3 * 4 and twin.differing == 0 and twin.logprob_gap < 1e-5
     assert twin.staleness == [0, 0, 0]
-    assert twin.from_start[0] == 0 and twin.from_start[-1] > 0  # the weights moved the rollouts, and the engine had them
+    assert (
+        twin.from_start[0] == 0 and twin.from_start[-1] > 0
+    )  # the weights moved the rollouts, and the engine had them
     sync = trainer.datamodule.weight_sync
     assert sync.version == 2 and [p.name for p in sync.directory.iterdir()] == ["v0000002"]  # older versions removed
     written = {p.name for p in (sync.directory / "v0000002").iterdir()}

@@ -120,11 +120,15 @@ def test_the_start_checks_refuse_a_misconfigured_server_with_the_fix(make_run, v
     # Rewrites longer than its context (--max-model-len 512): vLLM would cut them short without a word.
     refine = {"enabled": True, "url": url, "service": KEYED, "max_prompt_length": 500, "max_new_tokens": 64}
     trainer, module, dm = make_run(root=tmp_path / "b", model={"teacher": TEACHER}, data={"refine": refine})
-    with pytest.raises(ServiceError, match="holds 512 positions, but the run's longest request needs 564.*--max-model-len"):
+    with pytest.raises(
+        ServiceError, match="holds 512 positions, but the run's longest request needs 564.*--max-model-len"
+    ):
         trainer.fit(module, dm)
     # A student whose vocabulary is 64 ids larger: vLLM's cards carry no vocabulary, the probe's last id fails.
     trainer, module, dm = make_run(
-        root=tmp_path / "c", model={"student": tiny["other_vocab"]}, data={"refine": {**refine, "max_prompt_length": 400}}
+        root=tmp_path / "c",
+        model={"student": tiny["other_vocab"]},
+        data={"refine": {**refine, "max_prompt_length": 400}},
     )
     with pytest.raises(ServiceError, match="575.*serve one with the student's vocabulary"):
         trainer.fit(module, dm)
@@ -143,7 +147,8 @@ def student_run(make_run, root, url, model, data=None, steps=3):
 
 def test_a_lora_students_rollouts_are_the_in_process_ones_of_the_same_weights(make_run, vllm, tmp_path):
     twin, _, trainer = student_run(make_run, tmp_path, vllm["student"].url, {"lora": LoraOptions(r=8, alpha=16)})
-    print(f"vLLM LoRA student: {twin.differing} of {twin.rows} greedy rollouts differ; log-prob gap {twin.logprob_gap:.2e}")
+    gap = twin.logprob_gap
+    print(f"vLLM LoRA student: {twin.differing} of {twin.rows} greedy rollouts differ; log-prob gap {gap:.2e}")
     assert twin.differing / twin.rows <= TIE_SHARE and twin.logprob_gap < 1e-3
     assert twin.staleness == [0, 0, 0] and twin.from_start[-1] > 0  # the adapter moved the rollouts
     assert trainer.datamodule.served_student.client.model == "student"  # requests name the adapter
