@@ -55,7 +55,7 @@ def vllm(tmp_path_factory):
         "student": VllmServer(STUDENT, logs / "student.log", *lora, env=dev).start(),
     }
     try:
-        yield {name: server.wait() for name, server in servers.items()}
+        yield {name: server.wait(600) for name, server in servers.items()}
     finally:
         for server in servers.values():
             server.stop()
