@@ -129,6 +129,10 @@ def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
     # The demo config's prefix-failure monitors measure at step 0.
     monitored = {"frag/coherence/y_o", "frag/grad_cosine/y_o", "teacher/bimodal_frac/y_o", "prefix/diverged_frac/y_o"}
     assert monitored <= scalars
+    # ... and only there: a monitor's curve has a point where it measured, none at the steps in between.
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1]
+    for tag in monitored:
+        assert [e.step for e in events.Scalars(tag)] == [0], tag
     assert "teacher/token_kl/y_o" in events.Tags()["histograms"] and "prefix/rollout" in events.Tags()["images"]
     assert (run / "config.yaml").exists()
 
@@ -444,3 +448,70 @@ def test_quick_start_console_is_clean_and_ends_with_a_summary(tmp_path):
     assert re.search(r"  val/accuracy: [\d.]+ before training\n", console)
     assert f"  student exported to {run / 'student'}\n" in console
     assert f"  curves: tensorboard --logdir {run}\n" in console
+
+
+# ------------------------------------------------------------------ records of a run stay true
+
+REPO = Path(__file__).parents[1]
+
+
+def trd(*args: str, cwd=REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``trd ARGS`` as a program (``python -m trd_lightning``, importing this checkout)."""
+    import os
+
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "trd_lightning", *args], capture_output=True, text=True, cwd=cwd, env=environ
+    )
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_a_validation_of_a_run_gets_its_own_folder_and_leaves_the_run_as_it_was(tiny, tmp_path):
+    root = tmp_path / "runs"
+    checkpoints = tmp_path / "checkpoints.yaml"
+    checkpoints.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {every_n_train_steps: 2, save_top_k: -1}\n"
+    )
+    common = [
+        *demo_on_tiny(tiny),
+        f"--data.validation.data={tiny['validation']}",
+        "--data.validation.split=train",
+        "--data.validation.batch_size=16",
+        "--data.rollout.max_new_tokens=8",
+        f"--trainer.logger.init_args.save_dir={root}",
+    ]
+    fitted = trd("fit", *common, "--config", str(checkpoints), "--trainer.max_steps=2")
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    run = root / "demo_opd" / "version_0"
+    before = scalars(run)
+    config = (run / "config.yaml").read_text()
+    assert "max_steps: 2" in config
+    ckpt = run / "checkpoints" / "epoch=0-step=2.ckpt"
+    validated = trd("validate", *common, f"--ckpt_path={ckpt}")
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    # The run's own records are untouched: its curves and its config.
+    assert scalars(run) == before and (run / "config.yaml").read_text() == config
+    assert sorted(p.name for p in (root / "demo_opd").iterdir()) == ["version_0", "version_0-validate"]
+    own = root / "demo_opd" / "version_0-validate"
+    assert [step for step, _ in scalars(own)["val/accuracy"]] == [0]
+    assert f"ckpt_path: {ckpt}" in (own / "config.yaml").read_text()
+    # A second validation and a test of the same run each get the next folder beside it.
+    cli_main(["validate", *common, f"--ckpt_path={ckpt}"])
+    cli_main(["test", *common, "--data.validation.test_split=train", f"--ckpt_path={ckpt}"])
+    assert sorted(p.name for p in (root / "demo_opd").iterdir()) == [
+        "version_0",
+        "version_0-test",
+        "version_0-validate",
+        "version_0-validate-1",
+    ]
+    assert "test/accuracy" in scalars(root / "demo_opd" / "version_0-test")
+    assert scalars(run) == before
+    # Without a checkpoint of a run, a validation is no training run either.
+    cli_main(["validate", *common])
+    assert (root / "demo_opd" / "validate_0" / "config.yaml").exists()

@@ -102,7 +102,9 @@ class TRDCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("ckpt_path"):
+        if self.subcommand in ("validate", "test"):
+            own_folder(config.trainer, config.get("ckpt_path"), self.subcommand)
+        elif config.get("ckpt_path"):
             continue_run(config.trainer, config.ckpt_path)
 
     def instantiate_trainer(self, **kwargs):
@@ -115,6 +117,46 @@ class TRDCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def _folder_loggers(trainer_config):
+    """The logger configs that write into ``<save_dir>/<name>/<version>`` (TensorBoard, CSV), with their folder."""
+    loggers = trainer_config.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if hasattr(logger, "class_path") and logger.class_path.endswith(("TensorBoardLogger", "CSVLogger")):
+            args = logger.init_args
+            yield logger, args, Path(args.save_dir).expanduser().resolve() / (args.get("name") or "")
+
+
+def _run_of(ckpt_path: str | None) -> Path | None:
+    """The version folder that holds ``ckpt_path`` (``<run>/checkpoints/x.ckpt``), or None."""
+    if not ckpt_path:
+        return None
+    ckpt = Path(ckpt_path).expanduser().resolve()
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def own_folder(trainer_config, ckpt_path: str | None, subcommand: str) -> None:
+    """Give a ``validate`` or ``test`` run its own version folder, so that it never writes into a training run's.
+
+    With a checkpoint of a run (``<save_dir>/<name>/version_0/checkpoints/last.ckpt``) the folder lies next to that
+    run and is named after it: ``version_0-validate``, then ``version_0-validate-1``, ...; otherwise it is
+    ``validate_0``, ``validate_1``, ... in the logger's folder. A logger that names its own version keeps it.
+    """
+    run = _run_of(ckpt_path)
+    for _, args, folder in _folder_loggers(trainer_config):
+        if args.get("version") is not None:
+            continue
+        if run is not None and run.parent == folder:
+            base, n = f"{run.name}-{subcommand}", 0
+            while (folder / (base if n == 0 else f"{base}-{n}")).exists():
+                n += 1
+            args.version = base if n == 0 else f"{base}-{n}"
+        else:
+            n = 0
+            while (folder / f"{subcommand}_{n}").exists():
+                n += 1
+            args.version = f"{subcommand}_{n}"
+
+
 def continue_run(trainer_config, ckpt_path: str) -> None:
     """Point a TensorBoard logger at the version folder that holds ``ckpt_path`` (``<save_dir>/<name>/<version>/
     checkpoints/x.ckpt``), so that a resumed run's curves continue that run's.
@@ -125,15 +167,12 @@ def continue_run(trainer_config, ckpt_path: str) -> None:
     (CSVLogger would delete the run's metrics.csv).
     """
     ckpt = Path(ckpt_path).expanduser().resolve()
-    if ckpt.parent.name != "checkpoints":
+    run = _run_of(ckpt_path)
+    if run is None:
         return
-    run = ckpt.parent.parent
-    loggers = trainer_config.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if not hasattr(logger, "class_path") or not logger.class_path.endswith("TensorBoardLogger"):
+    for logger, args, folder in _folder_loggers(trainer_config):
+        if not logger.class_path.endswith("TensorBoardLogger"):
             continue
-        args = logger.init_args
-        folder = Path(args.save_dir).expanduser().resolve() / (args.get("name") or "")
         if args.get("version") is None and run.parent == folder:
             args.version = run.name
             if ckpt.is_file():
