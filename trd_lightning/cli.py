@@ -12,6 +12,7 @@ import argparse
 import html
 import importlib
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -218,7 +219,8 @@ def refine(argv: list[str]):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     known, rest = parser.parse_known_args(argv)
     cli = cli_main(rest, run=False)
-    return write_refinement_round(cli.model, cli.datamodule, known.output, known.device)
+    command = shlex.join(["trd", "refine", *argv])
+    return write_refinement_round(cli.model, cli.datamodule, known.output, known.device, command)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.diagnostics import first_divergence
 from trd_lightning.hf import load_tokenizer
+from trd_lightning.offline import check_round
 from trd_lightning.rollout.assemble import assemble
 from trd_lightning.rollout.batch import (
     DistillBatch,
@@ -160,6 +161,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             self.served_refiner = connect_refiner(self.refine.url, self.refine.service, self.tokenizer, hp.tokenizer)
         if stage == "fit" and self.train_rows is None:
             if self.refine.offline_round:
+                check_round(self.refine.offline_round)  # a complete round, or an error with the command that ends it
                 self.train_rows = self._prepare(self.refine.offline_round, "train", offline=True)
             else:
                 self.train_rows = self._prepare(hp.train_data, hp.train_split)
