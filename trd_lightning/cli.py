@@ -22,15 +22,26 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from trd_lightning.callbacks.empty_run import DropEmptyRun
 from trd_lightning.callbacks.progress import StepProgressBar
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.media import log_text
 from trd_lightning.module import DistillationModule
 from trd_lightning.offline import write_refinement_round
+from trd_lightning.usage import (
+    UsageError,
+    check_not_only_overlays,
+    debugging,
+    explain_parse_error,
+    is_mistake,
+    one_line,
+    parser_options,
+)
 
 DESCRIPTION = (
     "On-policy distillation of Hugging Face causal LMs (OPD, OPSD) and Trajectory-Refined Distillation. "
-    "Every option of a subcommand is in `trd SUBCOMMAND --help`; a config sets them in YAML (--config)."
+    "Every option of a subcommand is in `trd SUBCOMMAND --help`; a config sets them in YAML (--config). "
+    "A mistake is reported on one line; --debug (or TRD_DEBUG=1) shows its traceback."
 )
 
 # LightningCLI's subcommands that ``trd`` offers, with their help (``predict`` has nothing to predict here).
@@ -98,11 +109,23 @@ class TRDCLI(LightningCLI):
             # Listed for --help only: cli_main runs these before LightningCLI parses anything.
             subcommands.add_subcommand(name, ArgumentParser(description=help), help=help)
 
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's parsing; a refused command line or config becomes a ``UsageError`` with one line, an unknown
+        option's nearest valid name in it."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            argv = list(sys.argv[1:] if args is None else args)
+            sub = next((a for a in argv if a in self._subcommand_parsers), None) if self._subcommand_parsers else None
+            options = parser_options(self._subcommand_parsers[sub] if sub else parser)
+            raise UsageError(explain_parse_error(one_line(err), options)) from err
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.student", "data.tokenizer", apply_on="parse")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_checkpoint(config.get("ckpt_path"))
         if self.subcommand in ("validate", "test"):
             own_folder(config.trainer, config.get("ckpt_path"), self.subcommand)
         elif config.get("ckpt_path"):
@@ -115,7 +138,22 @@ class TRDCLI(LightningCLI):
         wants_bar = trainer.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks) and "callbacks" not in kwargs:
             kwargs["callbacks"] = [*callbacks, StepProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        dropper = DropEmptyRun()
+        kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), dropper]
+        built = super().instantiate_trainer(**kwargs)
+        dropper.note(built)
+        return built
+
+
+def check_checkpoint(ckpt_path: str | None) -> None:
+    """A ``--ckpt_path`` that names no file or folder fails here, before any weights load (Lightning's own names for
+    a checkpoint, such as ``last``, and remote addresses are left to it)."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or "://" in ckpt_path:
+        return
+    if not Path(ckpt_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path} does not exist: name a checkpoint file (or folder of shards)."
+        )
 
 
 def _folder_loggers(trainer_config):
@@ -183,9 +221,21 @@ def continue_run(trainer_config, ckpt_path: str) -> None:
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-def main() -> None:
-    """Entry point of ``trd`` and ``python -m trd_lightning``."""
-    cli_main()
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``trd`` and ``python -m trd_lightning``: a user's mistake ends in one line on stderr,
+    ``trd: error: ...``, and exit code 2 (``--debug`` or ``TRD_DEBUG=1``: the traceback; ``trd_lightning.usage``)."""
+    debug, given = debugging(list(sys.argv[1:] if argv is None else argv))
+    args = given
+    if argv is None:  # the command line itself, without --debug (LightningCLI reads sys.argv when args is None)
+        sys.argv[1:], args = given, None
+    try:
+        check_not_only_overlays(given)
+        cli_main(args)
+    except Exception as err:
+        if debug or not is_mistake(err):
+            raise
+        print(f"trd: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cli_main(args=None, run: bool = True):
@@ -203,7 +253,11 @@ def cli_main(args=None, run: bool = True):
         OnPolicyDataModule,
         save_config_callback=SaveConfigToLogger,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION},
+        # The optimizer is the module's own (model.lr and its siblings): LightningCLI's --optimizer would be ignored.
+        auto_configure_optimizers=False,
+        # Parse errors are raised (and reported on one line by ``main``), not printed after the whole usage.
+        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False}
+        | {name: {"exit_on_error": False} for name in SUBCOMMANDS},
         args=args,
         run=run,
     )

@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from trd_lightning.rollout.batch import StepInfo
 from trd_lightning.rollout.selection import RefinementPlan
 
-
 MARKER = "round.json"
 
 
@@ -53,7 +52,9 @@ def check_round(folder: str, option: str = "data.refine.offline_round") -> dict:
     path = Path(folder).expanduser()
     write = f"trd refine --config ... --output {folder}"
     if not path.is_dir():
-        raise FileNotFoundError(f"{option}: {folder} is not a refinement round (no such folder): write it with `{write}`.")
+        raise FileNotFoundError(
+            f"{option}: {folder} is not a refinement round (no such folder): write it with `{write}`."
+        )
     marker = read_marker(path)
     if marker is None:
         raise ValueError(
@@ -184,6 +185,7 @@ def write_refinement_round(
         if summary[f"accuracy_{name}"] is not None
     )
     rank_zero_info(
-        f"[trd] refinement round written to {output}: {summary['rows']} rows" + (f"; {accuracies}" if accuracies else "")
+        f"[trd] refinement round written to {output}: {summary['rows']} rows"
+        + (f"; {accuracies}" if accuracies else "")
     )
     return output

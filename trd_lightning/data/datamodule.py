@@ -196,7 +196,11 @@ class OnPolicyDataModule(L.LightningDataModule):
     def _prepare(self, source: str, split: str, offline: bool = False, val: bool = False):
         """Load, check and tokenize one split (an offline round has fixed column names, ``y_o``/``y_r`` among them)."""
         hp = self.hparams
-        dataset = load_rows(source, split, None if offline else (self.validation.subset if val else hp.subset))
+        option = (
+            "data.refine.offline_round" if offline else "data.validation.data" if val and self.validation.data else None
+        )
+        subset = None if offline else (self.validation.subset if val else hp.subset)
+        dataset = load_rows(source, split, subset, option or "data.train_data")
         columns = {"problem": hp.problem_column, "solution": hp.solution_column, "answer": hp.answer_column}
         if val:
             columns.update(problem=self.validation.problem_column or hp.problem_column, solution=None)
