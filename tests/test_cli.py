@@ -445,7 +445,9 @@ def test_quick_start_console_is_clean_and_ends_with_a_summary(tmp_path):
     assert re.search(r"Step: 100%\|[^|]*\| 3/3 \[.*loss=[\d.e-]+, rollout=\d+%, val/accuracy=[\d.]+\]", console)
     run = tmp_path / "runs" / "demo_opd" / "version_0"
     assert "[trd] fit done: 3 optimizer steps in " in console
-    assert re.search(r"  val/accuracy: [\d.]+ before training\n", console)
+    # Validated before training and, though the run is shorter than the validation interval, after it.
+    assert re.search(r"  val/accuracy: [\d.]+ before training -> [\d.]+ after 3 steps\n", console)
+    assert [step for step, _ in scalars(run)["val/accuracy"]] == [0, 3]
     assert f"  student exported to {run / 'student'}\n" in console
     assert f"  curves: tensorboard --logdir {run}\n" in console
 
@@ -597,3 +599,27 @@ def test_each_mistake_of_the_issue_is_one_line(tiny, tmp_path, capsys, no_weight
     target.write_text("")
     said = mistake(capsys, "refine", "--output", str(target), *base[:-1], "--data.refine.enabled=true")
     assert said.startswith(f"--output {target} is a file")
+
+
+# ------------------------------------------------------------------ run names tell the variants apart
+
+
+@pytest.mark.parametrize(
+    ("stack", "extra", "name"),
+    [
+        (["demo.yaml"], [], "demo_opd"),
+        (["demo.yaml", "trd.yaml"], [], "demo_trd_opd"),
+        (["demo.yaml", "trd.yaml"], ["--data.refine.offline_round=runs/refined"], "demo_trd_opd_offline"),
+        (["demo.yaml", "trd.yaml", "demo_trd_served.yaml"], [], "demo_trd_opd_served"),
+        (["demo_opsd.yaml"], [], "demo_opsd"),
+        (["demo_opsd.yaml", "trd.yaml"], [], "demo_trd_opsd"),
+        (["demo.yaml", "trd.yaml", "demo_fsdp.yaml"], [], "demo_trd_opd_fsdp"),
+        (["qwen3_opd.yaml", "trd.yaml", "qwen3_trd_opd_served.yaml"], [], "qwen3_trd_opd_served"),
+        (["demo.yaml", "trd.yaml"], ["--trainer.logger.init_args.name=mine"], "mine"),
+    ],
+)
+def test_each_variant_has_its_own_run_name(stack, extra, name, tmp_path):
+    configs = [arg for config in stack for arg in ("--config", str(CONFIGS[0].parent / config))]
+    save_dir = f"--trainer.logger.init_args.save_dir={tmp_path}"
+    cli = cli_main([*configs, *ON_CPU, save_dir, *extra], run=False)
+    assert Path(cli.trainer.logger.log_dir) == tmp_path / name / "version_0"

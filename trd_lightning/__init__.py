@@ -7,6 +7,7 @@ from trd_lightning.callbacks import (
     RefinementScheduler,
     RolloutSamples,
     StepProgressBar,
+    ValidateAtEnd,
     ValidateAtStart,
 )
 from trd_lightning.data.datamodule import OnPolicyDataModule
@@ -27,6 +28,7 @@ __all__ = [
     "RefinementScheduler",
     "RolloutSamples",
     "StepProgressBar",
+    "ValidateAtEnd",
     "ValidateAtStart",
     "__version__",
 ]

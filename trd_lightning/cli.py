@@ -12,6 +12,7 @@ import argparse
 import html
 import importlib
 import logging
+import re
 import shlex
 import sys
 import warnings
@@ -24,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from trd_lightning.callbacks.empty_run import DropEmptyRun
 from trd_lightning.callbacks.progress import StepProgressBar
+from trd_lightning.callbacks.validate_start import ValidateAtEnd
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.media import log_text
 from trd_lightning.module import DistillationModule
@@ -88,8 +90,9 @@ class SaveConfigToLogger(SaveConfigCallback):
 
 
 class TRDCLI(LightningCLI):
-    """LightningCLI with the tokenizer tied to the student, a step-counting progress bar by default, and a resumed
-    run logging into the folder of the run it resumes."""
+    """LightningCLI with the tokenizer tied to the student, a step-counting progress bar by default, a validation at
+    the end of every fit, a resumed run logging into the folder of the run it resumes, and validation and test runs
+    logging into folders of their own."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -116,8 +119,9 @@ class TRDCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
             argv = list(sys.argv[1:] if args is None else args)
-            sub = next((a for a in argv if a in self._subcommand_parsers), None) if self._subcommand_parsers else None
-            options = parser_options(self._subcommand_parsers[sub] if sub else parser)
+            subparsers = getattr(self, "_subcommand_parsers", None) or {}
+            sub = next((a for a in argv if a in subparsers), None)
+            options = parser_options(subparsers[sub] if sub else parser)
             raise UsageError(explain_parse_error(one_line(err), options)) from err
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -126,6 +130,7 @@ class TRDCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_checkpoint(config.get("ckpt_path"))
+        name_the_variant(config)
         if self.subcommand in ("validate", "test"):
             own_folder(config.trainer, config.get("ckpt_path"), self.subcommand)
         elif config.get("ckpt_path"):
@@ -139,10 +144,38 @@ class TRDCLI(LightningCLI):
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks) and "callbacks" not in kwargs:
             kwargs["callbacks"] = [*callbacks, StepProgressBar()]
         dropper = DropEmptyRun()
-        kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), dropper]
+        extra = [dropper] + ([] if any(isinstance(c, ValidateAtEnd) for c in callbacks) else [ValidateAtEnd()])
+        kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), *extra]
         built = super().instantiate_trainer(**kwargs)
         dropper.note(built)
         return built
+
+
+# The method in a run's name: ``demo_opd``, ``qwen3_opsd_fsdp``, and the variants it may already carry.
+METHOD_IN_NAME = re.compile(r"(?<![a-z0-9])(?:trd_)?(?:opd|opsd)(?:_offline)?(?:_served)?(?![a-z0-9])")
+
+
+def variant(config) -> str:
+    """The method a config runs: ``opd`` or ``opsd``, ``trd_`` before it when rollouts are refined, ``_offline``
+    after it for a written round, ``_served`` when a service refines or teaches."""
+    model, refine = config.model, config.data.refine
+    tag = ("trd_" if refine.enabled else "") + ("opsd" if model.teacher_kind == "shared" else "opd")
+    if refine.enabled and refine.offline_round:
+        tag += "_offline"
+    if (refine.enabled and refine.url and not refine.offline_round) or model.teacher_url:
+        tag += "_served"
+    return tag
+
+
+def name_the_variant(config) -> None:
+    """Put the variant in the run's name, so that variants of one config do not share a folder: the shipped configs
+    name their runs after the method (``demo_opd``), and stacking ``configs/trd.yaml`` makes it ``demo_trd_opd``
+    (``demo_trd_opd_offline`` on a written round, ``demo_trd_opd_served`` with a served refiner). A name without
+    ``opd`` or ``opsd`` in it is left as it is."""
+    tag = variant(config)
+    for _, args, _ in _folder_loggers(config.trainer):
+        if args.get("name"):
+            args.name = METHOD_IN_NAME.sub(tag, args.name, count=1)
 
 
 def check_checkpoint(ckpt_path: str | None) -> None:
