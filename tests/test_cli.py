@@ -623,3 +623,29 @@ def test_each_variant_has_its_own_run_name(stack, extra, name, tmp_path):
     save_dir = f"--trainer.logger.init_args.save_dir={tmp_path}"
     cli = cli_main([*configs, *ON_CPU, save_dir, *extra], run=False)
     assert Path(cli.trainer.logger.log_dir) == tmp_path / name / "version_0"
+
+
+# ------------------------------------------------------------------ the README's own Python example
+
+
+def readme_block(heading: str, language: str = "python") -> str:
+    """The first ``language`` code block under the README's ``heading``, exactly as printed."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(f"\n{heading}\n") :]
+    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_use_in_your_own_project_example_runs_as_printed(tmp_path):
+    import os
+
+    code = readme_block("## Use in your own Lightning project")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"val/accuracy after 4 steps: [\d.]+\n", done.stdout)
+    run = tmp_path / "runs" / "my_trd_opd" / "version_0"
+    curves = scalars(run)
+    assert [step for step, _ in curves["val/accuracy"]] == [0, 4]  # before training, and after it
+    assert [step for step, _ in curves["refine/accuracy_after"]] == [0, 1, 2, 3]
+    assert [step for step, _ in curves["frag/coherence/y_r"]] == [0, 2]
+    assert (run / "student" / "model.safetensors").exists()

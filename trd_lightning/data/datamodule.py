@@ -28,6 +28,7 @@ from trd_lightning.data.rows import RowFormat, check_answer_pattern, longest_pro
 from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.diagnostics import first_divergence
+from trd_lightning.groups import as_group
 from trd_lightning.hf import load_tokenizer
 from trd_lightning.offline import check_round
 from trd_lightning.rollout.assemble import assemble
@@ -112,6 +113,11 @@ class OnPolicyDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Each group may also be a plain dict of its settings (from Python; LightningCLI builds the dataclasses).
+        prompt = as_group(PromptOptions, prompt, "data.prompt")
+        rollout = as_group(RolloutOptions, rollout, "data.rollout")
+        refine, code = as_group(RefineOptions, refine, "data.refine"), as_group(CodeOptions, code, "data.code")
+        validation = as_group(ValidationOptions, validation, "data.validation")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}.")
         check_answer_pattern(answer_pattern)
