@@ -632,7 +632,7 @@ def readme_block(heading: str, language: str = "python") -> str:
     """The first ``language`` code block under the README's ``heading``, exactly as printed."""
     text = (REPO / "README.md").read_text()
     section = text[text.index(f"\n{heading}\n") :]
-    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+    return section.split(f"\n```{language}\n", 1)[1].split("\n```\n", 1)[0] + "\n"
 
 
 def test_the_readme_use_in_your_own_project_example_runs_as_printed(tmp_path):
@@ -649,3 +649,13 @@ def test_the_readme_use_in_your_own_project_example_runs_as_printed(tmp_path):
     assert [step for step, _ in curves["refine/accuracy_after"]] == [0, 1, 2, 3]
     assert [step for step, _ in curves["frag/coherence/y_r"]] == [0, 2]
     assert (run / "student" / "model.safetensors").exists()
+
+
+def test_the_readme_code_reference_example_runs_as_printed(tmp_path):
+    import os
+
+    code = readme_block("### Writing a code reference")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["stdio passed", "call passed", "assert wrong_answer"]
