@@ -659,3 +659,22 @@ def test_the_readme_code_reference_example_runs_as_printed(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == ["stdio passed", "call passed", "assert wrong_answer"]
+
+
+def test_trd_serve_says_it_is_ready_once_it_answers(tiny):
+    import os
+
+    import httpx
+    from fixtures.serving import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "trd_lightning", "serve", "--model", tiny["student"], "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = server.stdout.readline()  # the first line it prints
+        assert line == f"trd serve: {tiny['student']} ready on http://127.0.0.1:{port} (cpu, float32)\n"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200  # answering already
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
