@@ -7,7 +7,7 @@ import shlex
 import lightning as L
 import pytest
 from datasets import load_dataset
-from test_cli import trd
+from helpers import trd
 
 from trd_lightning.cli import cli_main
 from trd_lightning.offline import check_round, read_marker, shard_path, write_refinement_round

@@ -69,6 +69,10 @@ warnings.filterwarnings(
     module="lightning.pytorch.utilities._pytree",
 )
 
+# `trd refine` hands LightningCLI the arguments after its own options while sys.argv still holds the whole command
+# line, which is what this warning is about: the arguments given are the ones meant.
+warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+
 
 class _DropTip(logging.Filter):
     """Lightning's advertisement for its hosted logger says nothing about the run."""
