@@ -49,9 +49,9 @@ class StepClock(L.Callback):
         self.seconds.append(time.perf_counter() - self._start)
         step = trainer.global_step - 1  # the optimizer has stepped
         if step % self.every == 0:
-            metrics = trainer.callback_metrics
+            measured = [c.history.get(step, {}) for c in trainer.callbacks if hasattr(c, "history")]
             self.values[step] = {
-                k: float(v) for k, v in metrics.items() if k.startswith(("frag/", "teacher/", "prefix/"))
+                k: v for m in measured for k, v in m.items() if k.startswith(("frag/", "teacher/", "prefix/"))
             }
 
 

@@ -92,8 +92,9 @@ class Curve(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seconds += time.perf_counter() - self._start
-        readings = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(MONITORED)}
         step = trainer.global_step - 1
+        measured = [c.history.get(step, {}) for c in trainer.callbacks if hasattr(c, "history")]
+        readings = {k: v for m in measured for k, v in m.items() if k.startswith(MONITORED)}
         if readings and (not self.monitors or self.monitors[-1]["step"] != step) and step % 50 == 0:
             self.monitors.append({"step": step, **readings})
 

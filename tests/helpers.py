@@ -1,9 +1,13 @@
-"""Building a Trainer run on the tiny fixtures (the ``make_run`` fixture of conftest.py), and callbacks that record
-what the tests check."""
+"""Building a Trainer run on the tiny fixtures (the ``make_run`` fixture of conftest.py), callbacks that record
+what the tests check, and running the ``trd`` command as a program."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -96,3 +100,48 @@ def chat_ids(tok, text: str, **kwargs) -> list[int]:
     """A user turn through the chat template, encoded by the tokenizer directly (not through trd_lightning.prompts)."""
     messages = [{"role": "user", "content": text}]
     return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)["input_ids"])
+
+
+# ------------------------------------------------------------------ the `trd` command
+
+REPO = Path(__file__).parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+
+
+def demo_on_tiny(tiny) -> list[str]:
+    """The demo config, on CPU, with the tiny fixtures in place of the demo world."""
+    return [
+        "--config",
+        str(CONFIGS[0].parent / "demo.yaml"),
+        *ON_CPU,
+        f"--model.student={tiny['student']}",
+        f"--model.teacher={tiny['teacher']}",
+        "--model.micro_batch_size=4",
+        f"--data.train_data={tiny['train']}",
+        "--data.batch_size=4",
+    ]
+
+
+def trd(*args: str, cwd=REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``trd ARGS`` as a program (``python -m trd_lightning``, importing this checkout)."""
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "trd_lightning", *args], capture_output=True, text=True, cwd=cwd, env=environ
+    )
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar curve of a TensorBoard run folder: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def readme_block(heading: str, language: str = "python") -> str:
+    """The first ``language`` code block under the README's ``heading``, exactly as printed."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(f"\n{heading}\n") :]
+    return section.split(f"\n```{language}\n", 1)[1].split("\n```\n", 1)[0] + "\n"

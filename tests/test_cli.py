@@ -10,30 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONFIGS, ON_CPU, demo_on_tiny, scalars
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trd_lightning import DistillationModule, OnPolicyDataModule, RefinementScheduler
-from trd_lightning.cli import EXTRA_SUBCOMMANDS, SUBCOMMANDS, cli_main
+from trd_lightning.cli import EXTRA_SUBCOMMANDS, SUBCOMMANDS, cli_main, main
 from trd_lightning.data.sources import load_rows
-
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
-
-
-def demo_on_tiny(tiny) -> list[str]:
-    """The demo config, on CPU, with the tiny fixtures in place of the demo world."""
-    return [
-        "--config",
-        str(CONFIGS[0].parent / "demo.yaml"),
-        *ON_CPU,
-        f"--model.student={tiny['student']}",
-        f"--model.teacher={tiny['teacher']}",
-        "--model.micro_batch_size=4",
-        f"--data.train_data={tiny['train']}",
-        "--data.batch_size=4",
-    ]
-
 
 OVERLAYS = {"trd.yaml", "demo_fsdp.yaml", "qwen3_opd_fsdp.yaml"}
 
@@ -129,6 +112,10 @@ def test_fit_through_the_cli_logs_and_exports(tiny, tmp_path):
     # The demo config's prefix-failure monitors measure at step 0.
     monitored = {"frag/coherence/y_o", "frag/grad_cosine/y_o", "teacher/bimodal_frac/y_o", "prefix/diverged_frac/y_o"}
     assert monitored <= scalars
+    # ... and only there: a monitor's curve has a point where it measured, none at the steps in between.
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1]
+    for tag in monitored:
+        assert [e.step for e in events.Scalars(tag)] == [0], tag
     assert "teacher/token_kl/y_o" in events.Tags()["histograms"] and "prefix/rollout" in events.Tags()["images"]
     assert (run / "config.yaml").exists()
 
@@ -315,8 +302,8 @@ def test_help_lists_each_subcommand_with_its_help(capsys):
     assert {"fit", "validate", "test", "refine"} <= set(SUBCOMMANDS) | set(EXTRA_SUBCOMMANDS)
     assert "predict" not in listed
     with pytest.raises(SystemExit) as refused:
-        cli_main(["predict", "--config", str(CONFIGS[0])])
-    assert refused.value.code != 0 and "invalid choice: 'predict'" in capsys.readouterr().err
+        main(["predict", "--config", str(CONFIGS[0])])
+    assert refused.value.code == 2 and "invalid choice: 'predict'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["fit", "validate", "test", "refine"])
@@ -441,6 +428,8 @@ def test_quick_start_console_is_clean_and_ends_with_a_summary(tmp_path):
     assert re.search(r"Step: 100%\|[^|]*\| 3/3 \[.*loss=[\d.e-]+, rollout=\d+%, val/accuracy=[\d.]+\]", console)
     run = tmp_path / "runs" / "demo_opd" / "version_0"
     assert "[trd] fit done: 3 optimizer steps in " in console
-    assert re.search(r"  val/accuracy: [\d.]+ before training\n", console)
+    # Validated before training and, though the run is shorter than the validation interval, after it.
+    assert re.search(r"  val/accuracy: [\d.]+ before training -> [\d.]+ after 3 steps\n", console)
+    assert [step for step, _ in scalars(run)["val/accuracy"]] == [0, 3]
     assert f"  student exported to {run / 'student'}\n" in console
     assert f"  curves: tensorboard --logdir {run}\n" in console

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from trd_lightning import FSDP2Strategy
 from trd_lightning.cli import cli_main
+from trd_lightning.offline import mark_complete
 
 TRD = {"data": {"refine": {"enabled": True}}}
 LORA = {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"}}}
@@ -40,6 +41,7 @@ def offline_round(tiny: dict, folder: Path) -> dict:
     Dataset.from_list([{**r, "y_o": r["solution"][::-1], "y_r": r["solution"]} for r in rows]).to_parquet(
         folder / "shard-00000.parquet"
     )
+    mark_complete(folder)
     return {"data": {"refine": {"enabled": True, "offline_round": str(folder)}}}
 
 

@@ -21,7 +21,6 @@ class TokenLinear(L.LightningModule):
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(2))
         self.rows_asked: list[tuple[int, int]] = []
-        self.logged: list[tuple[int, dict]] = []
 
     def sequence_token_losses(self, batch, rows: slice):
         x, mask = batch["x"][rows], batch["mask"][rows]
@@ -31,10 +30,6 @@ class TokenLinear(L.LightningModule):
     def training_step(self, batch, batch_idx):
         losses, _ = self.sequence_token_losses(batch, slice(None))
         return losses.sum()
-
-    def log_dict(self, metrics, *args, **kwargs):
-        self.logged.append((self.trainer.global_step, dict(metrics)))
-        super().log_dict(metrics, *args, **kwargs)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights stay put, so every step measures the same
@@ -56,23 +51,26 @@ def fit_toy(sequences: torch.Tensor, mask: torch.Tensor, callbacks, steps: int =
     return module
 
 
-def only_metrics(module: TokenLinear) -> dict:
-    assert len(module.logged) == 1
-    return module.logged[0][1]
+def only_metrics(monitor) -> dict:
+    """What the monitor measured in a one-step run."""
+    assert list(monitor.history) == [0]
+    return monitor.history[0]
 
 
 def test_two_identical_sequences_give_cosine_one_and_coherence_one():
     seq = torch.tensor([[0.5, 1.0], [2.0, -1.0], [0.3, 0.3]])
-    module = fit_toy(torch.stack([seq, seq]), torch.ones(2, 3, dtype=torch.bool), [GradientFragmentationMonitor(1, 2)])
-    metrics = only_metrics(module)
+    monitor = GradientFragmentationMonitor(1, 2)
+    fit_toy(torch.stack([seq, seq]), torch.ones(2, 3, dtype=torch.bool), [monitor])
+    metrics = only_metrics(monitor)
     assert metrics["frag/grad_cosine"] == pytest.approx(1.0)
     assert metrics["frag/coherence"] == pytest.approx(1.0)
 
 
 def test_constructed_opposite_gradients_give_minus_one():
     seq = torch.tensor([[0.5, 1.0], [2.0, -1.0], [0.3, 0.3]])
-    module = fit_toy(torch.stack([seq, -seq]), torch.ones(2, 3, dtype=torch.bool), [GradientFragmentationMonitor(1, 2)])
-    metrics = only_metrics(module)
+    monitor = GradientFragmentationMonitor(1, 2)
+    fit_toy(torch.stack([seq, -seq]), torch.ones(2, 3, dtype=torch.bool), [monitor])
+    metrics = only_metrics(monitor)
     assert metrics["frag/grad_cosine"] == pytest.approx(-1.0)
     assert metrics["frag/coherence"] == pytest.approx(0.0, abs=1e-12)
 
@@ -82,16 +80,16 @@ def test_prefix_conflict_is_minus_one_when_the_tokens_after_the_divergence_pull_
     # The gradient before it is 2 * (-0.1, 0), after it 2 * (2, 0): opposite directions.
     seq = torch.tensor([[-0.1, 0.0], [-0.1, 0.0], [2.0, 0.0], [2.0, 0.0]])
     other = torch.tensor([[0.2, 0.1]] * 4)  # never over 1.0: no divergence, no conflict value
-    module = fit_toy(
-        torch.stack([seq, other]), torch.ones(2, 4, dtype=torch.bool), [GradientFragmentationMonitor(1, 2)]
-    )
-    assert only_metrics(module)["frag/prefix_conflict"] == pytest.approx(-1.0)
+    monitor = GradientFragmentationMonitor(1, 2)
+    fit_toy(torch.stack([seq, other]), torch.ones(2, 4, dtype=torch.bool), [monitor])
+    assert only_metrics(monitor)["frag/prefix_conflict"] == pytest.approx(-1.0)
 
 
 def test_frequency_and_number_of_sequences_are_honoured():
     x = torch.randn(6, 3, 2, generator=torch.Generator().manual_seed(0))
-    module = fit_toy(x, torch.ones(6, 3, dtype=torch.bool), [GradientFragmentationMonitor(3, 4)], steps=7)
-    assert [step for step, _ in module.logged] == [0, 3, 6]
+    monitor = GradientFragmentationMonitor(3, 4)
+    module = fit_toy(x, torch.ones(6, 3, dtype=torch.bool), [monitor], steps=7)
+    assert sorted(monitor.history) == [0, 3, 6]
     asked = [(step, start) for step, start in module.rows_asked if start is not None]
     assert asked == [(s, i) for s in (0, 3, 6) for i in range(4)]
 
@@ -153,17 +151,23 @@ def tensorboard_run(make_run, root, data: dict, callbacks, steps: int = 2):
 
 @pytest.mark.parametrize("refine", [False, True], ids=["opd", "trd"])
 def test_monitors_log_per_view_to_tensorboard(make_run, tiny, tmp_path, refine):
-    monitors = [GradientFragmentationMonitor(1, 3), PrefixFailureMonitor(1, 4, figure_every_n_steps=1)]
-    events = tensorboard_run(make_run, tmp_path, {"refine": {"enabled": refine}}, monitors)
+    monitors = [GradientFragmentationMonitor(2, 3), PrefixFailureMonitor(2, 4, figure_every_n_steps=2)]
+    events = tensorboard_run(make_run, tmp_path, {"refine": {"enabled": refine}}, monitors, steps=3)
     views = ["y_o", "y_r"] if refine else ["y_o"]
     scalars = set(events.Tags()["scalars"])
     for view in views:
         assert {f"frag/grad_cosine/{view}", f"frag/coherence/{view}", f"teacher/bimodal_frac/{view}"} <= scalars
         assert {f"teacher/entropy/{view}", f"prefix/diverged_frac/{view}"} <= scalars
         assert f"teacher/token_kl/{view}" in events.Tags()["histograms"]
-        assert [e.step for e in events.Scalars(f"frag/coherence/{view}")] == [0, 1]
+        # Logged where measured (steps 0 and 2 of 0, 1, 2) and nowhere else, with the values measured there.
+        for tag in (f"frag/coherence/{view}", f"teacher/entropy/{view}", f"prefix/diverged_frac/{view}"):
+            points = {e.step: e.value for e in events.Scalars(tag)}
+            assert sorted(points) == [0, 2]
+            owner = monitors[0] if tag.startswith("frag/") else monitors[1]
+            assert points == pytest.approx({s: owner.history[s][tag] for s in (0, 2)})
         for e in events.Scalars(f"frag/coherence/{view}"):
             assert 0.0 <= e.value <= 1.0 + 1e-9
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2]
     assert not any(tag.endswith("/y_r") for tag in scalars) or refine
     assert "prefix/rollout" in events.Tags()["images"]
 

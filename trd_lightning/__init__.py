@@ -7,26 +7,38 @@ from trd_lightning.callbacks import (
     RefinementScheduler,
     RolloutSamples,
     StepProgressBar,
+    ValidateAtEnd,
     ValidateAtStart,
 )
 from trd_lightning.data.datamodule import OnPolicyDataModule
+from trd_lightning.data.options import CodeOptions, PromptOptions, RefineOptions, RolloutOptions, ValidationOptions
 from trd_lightning.lora import LoraOptions
 from trd_lightning.module import DistillationModule
+from trd_lightning.serve.options import ServiceOptions
 from trd_lightning.strategies import FSDP2Strategy
+from trd_lightning.verify.sandbox import Limits
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CodeOptions",
     "DistillationModule",
     "ExportStudent",
     "FSDP2Strategy",
     "GradientFragmentationMonitor",
+    "Limits",
     "LoraOptions",
     "OnPolicyDataModule",
     "PrefixFailureMonitor",
+    "PromptOptions",
+    "RefineOptions",
     "RefinementScheduler",
+    "RolloutOptions",
     "RolloutSamples",
+    "ServiceOptions",
     "StepProgressBar",
+    "ValidateAtEnd",
     "ValidateAtStart",
+    "ValidationOptions",
     "__version__",
 ]

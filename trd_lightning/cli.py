@@ -12,6 +12,8 @@ import argparse
 import html
 import importlib
 import logging
+import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -21,15 +23,27 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from trd_lightning.callbacks.empty_run import DropEmptyRun
 from trd_lightning.callbacks.progress import StepProgressBar
+from trd_lightning.callbacks.validate_start import ValidateAtEnd
 from trd_lightning.data.datamodule import OnPolicyDataModule
 from trd_lightning.media import log_text
 from trd_lightning.module import DistillationModule
 from trd_lightning.offline import write_refinement_round
+from trd_lightning.usage import (
+    UsageError,
+    check_not_only_overlays,
+    debugging,
+    explain_parse_error,
+    is_mistake,
+    one_line,
+    parser_options,
+)
 
 DESCRIPTION = (
     "On-policy distillation of Hugging Face causal LMs (OPD, OPSD) and Trajectory-Refined Distillation. "
-    "Every option of a subcommand is in `trd SUBCOMMAND --help`; a config sets them in YAML (--config)."
+    "Every option of a subcommand is in `trd SUBCOMMAND --help`; a config sets them in YAML (--config). "
+    "A mistake is reported on one line; --debug (or TRD_DEBUG=1) shows its traceback."
 )
 
 # LightningCLI's subcommands that ``trd`` offers, with their help (``predict`` has nothing to predict here).
@@ -55,6 +69,10 @@ warnings.filterwarnings(
     module="lightning.pytorch.utilities._pytree",
 )
 
+# `trd refine` hands LightningCLI the arguments after its own options while sys.argv still holds the whole command
+# line, which is what this warning is about: the arguments given are the ones meant.
+warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+
 
 class _DropTip(logging.Filter):
     """Lightning's advertisement for its hosted logger says nothing about the run."""
@@ -76,8 +94,9 @@ class SaveConfigToLogger(SaveConfigCallback):
 
 
 class TRDCLI(LightningCLI):
-    """LightningCLI with the tokenizer tied to the student, a step-counting progress bar by default, and a resumed
-    run logging into the folder of the run it resumes."""
+    """LightningCLI with the tokenizer tied to the student, a step-counting progress bar by default, a validation at
+    the end of every fit, a resumed run logging into the folder of the run it resumes, and validation and test runs
+    logging into folders of their own."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -97,12 +116,28 @@ class TRDCLI(LightningCLI):
             # Listed for --help only: cli_main runs these before LightningCLI parses anything.
             subcommands.add_subcommand(name, ArgumentParser(description=help), help=help)
 
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's parsing; a refused command line or config becomes a ``UsageError`` with one line, an unknown
+        option's nearest valid name in it."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            argv = list(sys.argv[1:] if args is None else args)
+            subparsers = getattr(self, "_subcommand_parsers", None) or {}
+            sub = next((a for a in argv if a in subparsers), None)
+            options = parser_options(subparsers[sub] if sub else parser)
+            raise UsageError(explain_parse_error(one_line(err), options)) from err
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.student", "data.tokenizer", apply_on="parse")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("ckpt_path"):
+        check_checkpoint(config.get("ckpt_path"))
+        name_the_variant(config)
+        if self.subcommand in ("validate", "test"):
+            own_folder(config.trainer, config.get("ckpt_path"), self.subcommand)
+        elif config.get("ckpt_path"):
             continue_run(config.trainer, config.ckpt_path)
 
     def instantiate_trainer(self, **kwargs):
@@ -112,7 +147,90 @@ class TRDCLI(LightningCLI):
         wants_bar = trainer.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks) and "callbacks" not in kwargs:
             kwargs["callbacks"] = [*callbacks, StepProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        dropper = DropEmptyRun()
+        extra = [dropper] + ([] if any(isinstance(c, ValidateAtEnd) for c in callbacks) else [ValidateAtEnd()])
+        kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), *extra]
+        built = super().instantiate_trainer(**kwargs)
+        dropper.note(built)
+        return built
+
+
+# The method in a run's name: ``demo_opd``, ``qwen3_opsd_fsdp``, and the variants it may already carry.
+METHOD_IN_NAME = re.compile(r"(?<![a-z0-9])(?:trd_)?(?:opd|opsd)(?:_offline)?(?:_served)?(?![a-z0-9])")
+
+
+def variant(config) -> str:
+    """The method a config runs: ``opd`` or ``opsd``, ``trd_`` before it when rollouts are refined, ``_offline``
+    after it for a written round, ``_served`` when a service refines or teaches."""
+    model, refine = config.model, config.data.refine
+    tag = ("trd_" if refine.enabled else "") + ("opsd" if model.teacher_kind == "shared" else "opd")
+    if refine.enabled and refine.offline_round:
+        tag += "_offline"
+    if (refine.enabled and refine.url and not refine.offline_round) or model.teacher_url:
+        tag += "_served"
+    return tag
+
+
+def name_the_variant(config) -> None:
+    """Put the variant in the run's name, so that variants of one config do not share a folder: the shipped configs
+    name their runs after the method (``demo_opd``), and stacking ``configs/trd.yaml`` makes it ``demo_trd_opd``
+    (``demo_trd_opd_offline`` on a written round, ``demo_trd_opd_served`` with a served refiner). A name without
+    ``opd`` or ``opsd`` in it is left as it is."""
+    tag = variant(config)
+    for _, args, _ in _folder_loggers(config.trainer):
+        if args.get("name"):
+            args.name = METHOD_IN_NAME.sub(tag, args.name, count=1)
+
+
+def check_checkpoint(ckpt_path: str | None) -> None:
+    """A ``--ckpt_path`` that names no file or folder fails here, before any weights load (Lightning's own names for
+    a checkpoint, such as ``last``, and remote addresses are left to it)."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or "://" in ckpt_path:
+        return
+    if not Path(ckpt_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path} does not exist: name a checkpoint file (or folder of shards)."
+        )
+
+
+def _folder_loggers(trainer_config):
+    """The logger configs that write into ``<save_dir>/<name>/<version>`` (TensorBoard, CSV), with their folder."""
+    loggers = trainer_config.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if hasattr(logger, "class_path") and logger.class_path.endswith(("TensorBoardLogger", "CSVLogger")):
+            args = logger.init_args
+            yield logger, args, Path(args.save_dir).expanduser().resolve() / (args.get("name") or "")
+
+
+def _run_of(ckpt_path: str | None) -> Path | None:
+    """The version folder that holds ``ckpt_path`` (``<run>/checkpoints/x.ckpt``), or None."""
+    if not ckpt_path:
+        return None
+    ckpt = Path(ckpt_path).expanduser().resolve()
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def own_folder(trainer_config, ckpt_path: str | None, subcommand: str) -> None:
+    """Give a ``validate`` or ``test`` run its own version folder, so that it never writes into a training run's.
+
+    With a checkpoint of a run (``<save_dir>/<name>/version_0/checkpoints/last.ckpt``) the folder lies next to that
+    run and is named after it: ``version_0-validate``, then ``version_0-validate-1``, ...; otherwise it is
+    ``validate_0``, ``validate_1``, ... in the logger's folder. A logger that names its own version keeps it.
+    """
+    run = _run_of(ckpt_path)
+    for _, args, folder in _folder_loggers(trainer_config):
+        if args.get("version") is not None:
+            continue
+        if run is not None and run.parent == folder:
+            base, n = f"{run.name}-{subcommand}", 0
+            while (folder / (base if n == 0 else f"{base}-{n}")).exists():
+                n += 1
+            args.version = base if n == 0 else f"{base}-{n}"
+        else:
+            n = 0
+            while (folder / f"{subcommand}_{n}").exists():
+                n += 1
+            args.version = f"{subcommand}_{n}"
 
 
 def continue_run(trainer_config, ckpt_path: str) -> None:
@@ -125,15 +243,12 @@ def continue_run(trainer_config, ckpt_path: str) -> None:
     (CSVLogger would delete the run's metrics.csv).
     """
     ckpt = Path(ckpt_path).expanduser().resolve()
-    if ckpt.parent.name != "checkpoints":
+    run = _run_of(ckpt_path)
+    if run is None:
         return
-    run = ckpt.parent.parent
-    loggers = trainer_config.get("logger")
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if not hasattr(logger, "class_path") or not logger.class_path.endswith("TensorBoardLogger"):
+    for logger, args, folder in _folder_loggers(trainer_config):
+        if not logger.class_path.endswith("TensorBoardLogger"):
             continue
-        args = logger.init_args
-        folder = Path(args.save_dir).expanduser().resolve() / (args.get("name") or "")
         if args.get("version") is None and run.parent == folder:
             args.version = run.name
             if ckpt.is_file():
@@ -143,9 +258,21 @@ def continue_run(trainer_config, ckpt_path: str) -> None:
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-def main() -> None:
-    """Entry point of ``trd`` and ``python -m trd_lightning``."""
-    cli_main()
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``trd`` and ``python -m trd_lightning``: a user's mistake ends in one line on stderr,
+    ``trd: error: ...``, and exit code 2 (``--debug`` or ``TRD_DEBUG=1``: the traceback; ``trd_lightning.usage``)."""
+    debug, given = debugging(list(sys.argv[1:] if argv is None else argv))
+    args = given
+    if argv is None:  # the command line itself, without --debug (LightningCLI reads sys.argv when args is None)
+        sys.argv[1:], args = given, None
+    try:
+        check_not_only_overlays(given)
+        cli_main(args)
+    except Exception as err:
+        if debug or not is_mistake(err):
+            raise
+        print(f"trd: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cli_main(args=None, run: bool = True):
@@ -163,7 +290,11 @@ def cli_main(args=None, run: bool = True):
         OnPolicyDataModule,
         save_config_callback=SaveConfigToLogger,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION},
+        # The optimizer is the module's own (model.lr and its siblings): LightningCLI's --optimizer would be ignored.
+        auto_configure_optimizers=False,
+        # Parse errors are raised (and reported on one line by ``main``), not printed after the whole usage.
+        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False}
+        | {name: {"exit_on_error": False} for name in SUBCOMMANDS},
         args=args,
         run=run,
     )
@@ -179,7 +310,8 @@ def refine(argv: list[str]):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     known, rest = parser.parse_known_args(argv)
     cli = cli_main(rest, run=False)
-    return write_refinement_round(cli.model, cli.datamodule, known.output, known.device)
+    command = shlex.join(["trd", "refine", *argv])
+    return write_refinement_round(cli.model, cli.datamodule, known.output, known.device, command)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Text, figures and histograms through the trainer's loggers, each through its own media API.
 
-Scalars go through ``self.log`` as usual. What is not a scalar goes here: TensorBoard gets ``add_text``,
+Scalars go through ``self.log`` as usual, except those measured on some steps only (``log_scalars``, written at
+that step and no other). What is not a scalar goes here: TensorBoard gets ``add_text``,
 ``add_figure`` and ``add_histogram``; Weights & Biases gets ``wandb.Html``, ``wandb.Image`` and
 ``wandb.Histogram``; MLflow gets ``log_text`` and ``log_figure`` artifacts (named by tag and step). A logger with
 no API for a kind of media (CSVLogger, or MLflow for histograms) is skipped, with one notice per logger and kind.
@@ -16,6 +17,12 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 _noticed: weakref.WeakKeyDictionary[Logger, set[str]] = weakref.WeakKeyDictionary()
+
+
+def log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write scalars at ``step`` to every logger, once (not repeated at later steps as ``self.log`` values can be)."""
+    for logger in _loggers(trainer):
+        logger.log_metrics(metrics, step)
 
 
 def log_text(trainer: L.Trainer, tag: str, html: str, step: int) -> None:

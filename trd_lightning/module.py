@@ -13,6 +13,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from trd_lightning.checks import check_against_data, check_module_options, check_optimizer, check_vocabularies
 from trd_lightning.diagnostics import STAT_COLUMNS
 from trd_lightning.evaluation import EvalMetrics
+from trd_lightning.groups import as_group
 from trd_lightning.hf import load_causal_lm, load_config, output_head
 from trd_lightning.lora import LoraOptions, apply_lora
 from trd_lightning.losses import LossKind, LossSpec, plan
@@ -146,6 +147,9 @@ class DistillationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # The groups may also be plain dicts of their settings (from Python; LightningCLI builds the dataclasses).
+        lora = None if lora is None else as_group(LoraOptions, lora, "model.lora")
+        teacher_service = as_group(ServiceOptions, teacher_service, "model.teacher_service")
         check_module_options(self.hparams)
         check_url(teacher_url, "model.teacher_url")
         if teacher_url:

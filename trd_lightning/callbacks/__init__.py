@@ -7,7 +7,7 @@ from trd_lightning.callbacks.prefix import PrefixFailureMonitor
 from trd_lightning.callbacks.progress import StepProgressBar
 from trd_lightning.callbacks.refinement import RefinementScheduler
 from trd_lightning.callbacks.samples import RolloutSamples
-from trd_lightning.callbacks.validate_start import ValidateAtStart
+from trd_lightning.callbacks.validate_start import ValidateAtEnd, ValidateAtStart
 
 __all__ = [
     "ExportStudent",
@@ -16,5 +16,6 @@ __all__ = [
     "RefinementScheduler",
     "RolloutSamples",
     "StepProgressBar",
+    "ValidateAtEnd",
     "ValidateAtStart",
 ]

@@ -86,7 +86,7 @@ class GradientFragmentationMonitor(PeriodicBatchCallback):
                 f"frag/coherence{suffix(name)}": coherence,
                 f"frag/prefix_conflict{suffix(name)}": sum(conflicts) / len(conflicts) if conflicts else math.nan,
             }
-            self.log_finite(pl_module, metrics, len(grads))
+            self.log_finite(trainer, metrics)
 
     def _gradients(self, pl_module, view, params: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[float]]:
         """Per-sequence flattened gradients, and the before/after-divergence cosine of each diverging sequence."""

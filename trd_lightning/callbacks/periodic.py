@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 import lightning as L
 
 from trd_lightning.callbacks.protocol import DiagnosticViews
+from trd_lightning.media import log_scalars
 
 
 class PeriodicBatchCallback(L.Callback, ABC):
@@ -16,12 +17,16 @@ class PeriodicBatchCallback(L.Callback, ABC):
     The batch is taken at ``on_train_batch_start`` and measured at ``on_before_optimizer_step``: by then a module
     that builds its batch in place in its own ``on_train_batch_start`` (as DistillationModule does) has filled
     it, and the weights are still those the step's gradient was computed with.
+
+    The measurements go to the trainer's loggers at the step they were taken, and only then (``self.log`` would
+    repeat a manual-optimization module's last value at every later step); ``history`` keeps them by step.
     """
 
     def __init__(self, every_n_steps: int) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
+        self.history: dict[int, dict[str, float]] = {}
         self._batch = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
@@ -44,12 +49,13 @@ class PeriodicBatchCallback(L.Callback, ABC):
             return pl_module.diagnostic_views(batch)
         return {"": batch}
 
-    @staticmethod
-    def log_finite(pl_module: L.LightningModule, metrics: dict[str, float], batch_size: int) -> None:
-        """Log the metrics that have a value (NaN marks one with nothing to average, e.g. no diverging row)."""
-        finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
+    def log_finite(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        """Log the metrics that have a value (NaN marks one with nothing to average, e.g. no diverging row), at this
+        step only."""
+        finite = {k: float(v) for k, v in metrics.items() if not math.isnan(v)}
         if finite:
-            pl_module.log_dict(finite, on_step=True, on_epoch=False, batch_size=batch_size)
+            self.history.setdefault(trainer.global_step, {}).update(finite)
+            log_scalars(trainer, finite, trainer.global_step)
 
 
 def suffix(view: str) -> str:

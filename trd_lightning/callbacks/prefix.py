@@ -80,7 +80,7 @@ class PrefixFailureMonitor(PeriodicBatchCallback):
                 f"prefix/kl_before{suffix(name)}": stats["kl_before"],
                 f"prefix/kl_after{suffix(name)}": stats["kl_after"],
             }
-            self.log_finite(pl_module, metrics, int(mask.shape[0]))
+            self.log_finite(trainer, metrics)
             log_histogram(trainer, f"teacher/token_kl{suffix(name)}", grids["kl"][mask], trainer.global_step)
             drawn[name] = ({k: v[0][mask[0]].float().cpu() for k, v in grids.items()}, int(first[0]))
         figure_due = self.figure_every_n_steps and trainer.global_step % self.figure_every_n_steps == 0

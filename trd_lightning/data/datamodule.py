@@ -28,7 +28,9 @@ from trd_lightning.data.rows import RowFormat, check_answer_pattern, longest_pro
 from trd_lightning.data.sampler import ResumableSampler
 from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.diagnostics import first_divergence
+from trd_lightning.groups import as_group
 from trd_lightning.hf import load_tokenizer
+from trd_lightning.offline import check_round
 from trd_lightning.rollout.assemble import assemble
 from trd_lightning.rollout.batch import (
     DistillBatch,
@@ -116,6 +118,11 @@ class OnPolicyDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Each group may also be a plain dict of its settings (from Python; LightningCLI builds the dataclasses).
+        prompt = as_group(PromptOptions, prompt, "data.prompt")
+        rollout = as_group(RolloutOptions, rollout, "data.rollout")
+        refine, code = as_group(RefineOptions, refine, "data.refine"), as_group(CodeOptions, code, "data.code")
+        validation = as_group(ValidationOptions, validation, "data.validation")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}.")
         check_answer_pattern(answer_pattern)
@@ -178,6 +185,7 @@ class OnPolicyDataModule(L.LightningDataModule):
             )
         if stage == "fit" and self.train_rows is None:
             if self.refine.offline_round:
+                check_round(self.refine.offline_round)  # a complete round, or an error with the command that ends it
                 self.train_rows = self._prepare(self.refine.offline_round, "train", offline=True)
             else:
                 self.train_rows = self._prepare(hp.train_data, hp.train_split)
@@ -227,7 +235,11 @@ class OnPolicyDataModule(L.LightningDataModule):
     def _prepare(self, source: str, split: str, offline: bool = False, val: bool = False):
         """Load, check and tokenize one split (an offline round has fixed column names, ``y_o``/``y_r`` among them)."""
         hp = self.hparams
-        dataset = load_rows(source, split, None if offline else (self.validation.subset if val else hp.subset))
+        option = (
+            "data.refine.offline_round" if offline else "data.validation.data" if val and self.validation.data else None
+        )
+        subset = None if offline else (self.validation.subset if val else hp.subset)
+        dataset = load_rows(source, split, subset, option or "data.train_data")
         columns = {"problem": hp.problem_column, "solution": hp.solution_column, "answer": hp.answer_column}
         if val:
             columns.update(problem=self.validation.problem_column or hp.problem_column, solution=None)

@@ -156,7 +156,7 @@ class RefineOptions:
     enabled: bool = False
     template: str | None = None
     teacher_context: Literal["refine", "original"] = "refine"
-    max_prompt_length: int = 2048
+    max_prompt_length: int = 256
     max_new_tokens: int | None = None
     temperature: float = 0.6
     top_p: float = 0.95

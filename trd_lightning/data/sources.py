@@ -13,7 +13,7 @@ from trd_lightning.data.demo import world
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(source: str, split: str, subset: str | None = None) -> Dataset:
+def load_rows(source: str, split: str, subset: str | None = None, option: str = "data.train_data") -> Dataset:
     """One split of a dataset.
 
     Args:
@@ -21,23 +21,32 @@ def load_rows(source: str, split: str, subset: str | None = None) -> Dataset:
             a folder written by ``Dataset.save_to_disk``, or a Hugging Face hub dataset name.
         split: the split to read (ignored for a single local file, which is one split).
         subset: the hub dataset's configuration name, when it has several.
+        option: the setting that named ``source``, which an error names.
     """
     if world.is_demo(source):
         return Dataset.from_list(world.rows(split))
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_BUILDERS:
-        return _load_file(path, source)
+        return _load_file(path, source, option)
     if path.is_dir() and (path / "dataset_info.json").exists():
         return load_from_disk(str(path))
     if path.is_dir() and (path / "dataset_dict.json").exists():
         return load_from_disk(str(path))[split]
-    return load_dataset(source, subset, split=split)
+    try:
+        return load_dataset(source, subset, split=split)
+    except (ConnectionError, FileNotFoundError) as err:
+        # Not local, and the hub could not give it (offline, no network, or no such dataset).
+        reason = " ".join(str(err).split())
+        raise FileNotFoundError(
+            f"{option}={source!r} is no local file or folder, and the hub could not provide it ({reason}): download it "
+            f"once while online (it is then read from the cache), or set {option} to a local copy."
+        ) from err
 
 
-def _load_file(path: Path, source: str) -> Dataset:
+def _load_file(path: Path, source: str, option: str = "data.train_data") -> Dataset:
     """A local file as one split; a file that cannot be read raises a ValueError naming it and its bad line."""
     if not path.exists():
-        raise FileNotFoundError(f"Dataset file {path} does not exist.")
+        raise FileNotFoundError(f"{option}: dataset file {path} does not exist.")
     builder = FILE_BUILDERS[path.suffix.lower()]
     try:
         return load_dataset(builder, data_files=str(path), split="train")
@@ -113,8 +122,12 @@ def _bad_parquet_part(path: Path) -> str | None:
     return None
 
 
+TEXT_TYPES = {"string", "large_string", "null"}
+
+
 def check_columns(dataset: Dataset, columns: dict[str, str | None], source: str) -> None:
-    """Raise a ValueError naming the unknown columns and the ones the dataset has."""
+    """Raise a ValueError naming the unknown columns and the ones the dataset has, or a problem or reference column
+    that holds something other than text (numbers would be cast to strings without a word)."""
     missing = {role: col for role, col in columns.items() if col is not None and col not in dataset.column_names}
     if missing:
         wanted = ", ".join(f"{role}_column={col!r}" for role, col in missing.items())
@@ -122,3 +135,12 @@ def check_columns(dataset: Dataset, columns: dict[str, str | None], source: str)
             f"Dataset {source!r} has no column for {wanted}. Its columns are {dataset.column_names}: "
             "set the column names in the data config."
         )
+    for role in ("problem", "solution"):
+        column = columns.get(role)
+        feature = dataset.features.get(column) if column is not None else None
+        kind = getattr(feature, "dtype", type(feature).__name__)
+        if feature is not None and kind not in TEXT_TYPES:
+            raise ValueError(
+                f"Dataset {source!r}: the {role} column {column!r} holds {kind} values, not text: point "
+                f"{role}_column at the column with the {role} text."
+            )

@@ -7,6 +7,8 @@ trd serve --model Qwen/Qwen3-8B --dtype bfloat16 --max-batch-rows 64 --max-logpr
 from __future__ import annotations
 
 import argparse
+import threading
+import time
 
 import torch
 
@@ -67,8 +69,18 @@ def main(argv: list[str]):
         vocab_size=config.vocab_size,
         max_logprobs=args.max_logprobs,
     )
-    print(f"trd serve: {info.name} on http://{args.host}:{args.port} ({device}, {args.dtype})", flush=True)
+    config = uvicorn.Config(build_app(worker, tokenizer, info), host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(config)
+
+    def announce() -> None:  # once the server answers, not before
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            address = f"http://{args.host}:{args.port}"
+            print(f"trd serve: {info.name} ready on {address} ({device}, {args.dtype})", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
     try:
-        uvicorn.run(build_app(worker, tokenizer, info), host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         worker.close()
