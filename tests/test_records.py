@@ -66,6 +66,8 @@ def test_a_validation_of_a_run_gets_its_own_folder_and_leaves_the_run_as_it_was(
         (["demo.yaml", "trd.yaml"], [], "demo_trd_opd"),
         (["demo.yaml", "trd.yaml"], ["--data.refine.offline_round=runs/refined"], "demo_trd_opd_offline"),
         (["demo.yaml", "trd.yaml", "demo_trd_served.yaml"], [], "demo_trd_opd_served"),
+        (["demo.yaml", "demo_rollouts_served.yaml"], [], "demo_opd_served_overlap"),
+        (["demo.yaml", "demo_rollouts_served.yaml"], ["--data.rollout.max_staleness=0"], "demo_opd_served"),
         (["demo_opsd.yaml"], [], "demo_opsd"),
         (["demo_opsd.yaml", "trd.yaml"], [], "demo_trd_opsd"),
         (["demo.yaml", "trd.yaml", "demo_fsdp.yaml"], [], "demo_trd_opd_fsdp"),

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 from fixtures.rollouts import InProcessTwin
 from fixtures.serving import Server
-from helpers import KeepBatch, Recorder
+from helpers import CONFIGS, KeepBatch, Recorder, demo_on_tiny, scalars, trd
 
 from trd_lightning.lora import LoraOptions
 from trd_lightning.serve import ServiceError, ServiceFailureCheckpoint, ServiceOptions
@@ -131,3 +131,24 @@ def test_an_engine_that_dies_under_overlap_stops_with_a_checkpoint_and_no_step_i
         assert any(isinstance(c, ServiceFailureCheckpoint) for c in trainer.callbacks)  # the module adds one
     finally:
         server.stop()
+
+
+def test_trd_fit_with_the_served_rollouts_overlay(student_server, tiny, tmp_path):
+    """``trd fit`` with ``configs/demo_rollouts_served.yaml`` (served, synced, overlapped) on the tiny run."""
+    overlay = str(CONFIGS[0].parent / "demo_rollouts_served.yaml")
+    run = trd(
+        "fit",
+        *demo_on_tiny(tiny),
+        "--config",
+        overlay,
+        f"--data.rollout.url={student_server.url}",
+        "--data.validation.split=null",
+        "--data.rollout.max_new_tokens=8",
+        "--trainer.max_steps=3",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    curves = scalars(tmp_path / "demo_opd_served_overlap" / "version_0")
+    assert [v for _, v in curves["rollout/staleness"]] == [0.0, 1.0, 1.0]
+    assert [v for _, v in curves["rollout/weight_version"]] == [0.0, 0.0, 1.0]
+    assert all(v > 0 for _, v in curves["perf/sync_seconds"][1:])

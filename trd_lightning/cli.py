@@ -156,18 +156,23 @@ class TRDCLI(LightningCLI):
 
 
 # The method in a run's name: ``demo_opd``, ``qwen3_opsd_fsdp``, and the variants it may already carry.
-METHOD_IN_NAME = re.compile(r"(?<![a-z0-9])(?:trd_)?(?:opd|opsd)(?:_offline)?(?:_served)?(?![a-z0-9])")
+METHOD_IN_NAME = re.compile(
+    r"(?<![a-z0-9])(?:trd_)?(?:opd|opsd)(?:_offline)?(?:_served)?(?:_overlap)?(?![a-z0-9])"
+)
 
 
 def variant(config) -> str:
     """The method a config runs: ``opd`` or ``opsd``, ``trd_`` before it when rollouts are refined, ``_offline``
-    after it for a written round, ``_served`` when a service refines or teaches."""
-    model, refine = config.model, config.data.refine
+    after it for a written round, ``_served`` when a service refines, teaches or samples the student's rollouts,
+    ``_overlap`` when the next step's rollouts are made while a step trains."""
+    model, refine, rollout = config.model, config.data.refine, config.data.rollout
     tag = ("trd_" if refine.enabled else "") + ("opsd" if model.teacher_kind == "shared" else "opd")
     if refine.enabled and refine.offline_round:
         tag += "_offline"
-    if (refine.enabled and refine.url and not refine.offline_round) or model.teacher_url:
+    if (refine.enabled and refine.url and not refine.offline_round) or model.teacher_url or rollout.url:
         tag += "_served"
+    if rollout.max_staleness:
+        tag += "_overlap"
     return tag
 
 
