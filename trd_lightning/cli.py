@@ -156,9 +156,7 @@ class TRDCLI(LightningCLI):
 
 
 # The method in a run's name: ``demo_opd``, ``qwen3_opsd_fsdp``, and the variants it may already carry.
-METHOD_IN_NAME = re.compile(
-    r"(?<![a-z0-9])(?:trd_)?(?:opd|opsd)(?:_offline)?(?:_served)?(?:_overlap)?(?![a-z0-9])"
-)
+METHOD_IN_NAME = re.compile(r"(?<![a-z0-9])(?:trd_)?(?:opd|opsd)(?:_offline)?(?:_served)?(?:_overlap)?(?![a-z0-9])")
 
 
 def variant(config) -> str:
