@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 
 from trd_lightning import prompts as templates
 from trd_lightning.data.alignment import merged_kwargs
-from trd_lightning.data.code_rows import code_dataset
 from trd_lightning.data.options import (
     CodeFormat,
     CodeOptions,
@@ -24,9 +23,9 @@ from trd_lightning.data.options import (
     Task,
     ValidationOptions,
 )
-from trd_lightning.data.rows import RowFormat, check_answer_pattern, longest_prompt, prepare_rows
+from trd_lightning.data.prepare import prepare_split
+from trd_lightning.data.rows import check_answer_pattern, longest_prompt
 from trd_lightning.data.sampler import ResumableSampler
-from trd_lightning.data.sources import check_columns, load_rows
 from trd_lightning.diagnostics import first_divergence
 from trd_lightning.groups import as_group
 from trd_lightning.hf import load_tokenizer
@@ -189,8 +188,14 @@ class OnPolicyDataModule(L.LightningDataModule):
                 self.train_rows = self._prepare(self.refine.offline_round, "train", offline=True)
             else:
                 self.train_rows = self._prepare(hp.train_data, hp.train_split)
-        if stage == "fit" and self.rollout.url and self.served_student is None:
-            self._connect_student()
+        if stage == "fit" and self.rollout.url and self.served_student is None:  # before any weights load
+            from trd_lightning.serve.student import connect_student  # the serve extra, needed only here
+
+            world = self.trainer.world_size if self.trainer is not None else 1
+            needed = self.longest_prompt + self.rollout.max_new_tokens
+            self.served_student, self.weight_sync = connect_student(
+                self.rollout, self.tokenizer, hp.tokenizer, needed, world
+            )
         val = self.validation
         if stage in ("fit", "validate") and self.val_rows is None and val.split is not None:
             self.val_rows = _first(self._prepare(val.data or hp.train_data, val.split, val=True), val.max_prompts)
@@ -198,19 +203,6 @@ class OnPolicyDataModule(L.LightningDataModule):
             if val.test_split is None:
                 raise ValueError("trd test evaluates data.validation.test_split: set it to the dataset's test split.")
             self.test_rows = _first(self._prepare(val.data or hp.train_data, val.test_split, val=True), val.max_prompts)
-
-    def _connect_student(self) -> None:
-        """The student's engine, checked (up, same tokenizer, room for the longest prompt and rollout) before any
-        weights load."""
-        from trd_lightning.serve.student import connect_student  # the serve extra, needed only here
-
-        if self.trainer is not None and self.trainer.world_size > 1:
-            raise ValueError("data.rollout.url serves one process's rollouts for now: run on one device, or drop it.")
-        r = self.rollout
-        needed = self.longest_prompt + r.max_new_tokens
-        self.served_student, self.weight_sync = connect_student(
-            r.url, r.service, self.tokenizer, self.hparams.tokenizer, needed, r.sync_dir, r.adapter_name
-        )
 
     def _build_stages(self) -> None:
         tok = self.tokenizer
@@ -233,40 +225,8 @@ class OnPolicyDataModule(L.LightningDataModule):
             self.rewriter = ModelRewriter(prompt, self.refine.sampling(self.rollout))
 
     def _prepare(self, source: str, split: str, offline: bool = False, val: bool = False):
-        """Load, check and tokenize one split (an offline round has fixed column names, ``y_o``/``y_r`` among them)."""
-        hp = self.hparams
-        option = (
-            "data.refine.offline_round" if offline else "data.validation.data" if val and self.validation.data else None
-        )
-        subset = None if offline else (self.validation.subset if val else hp.subset)
-        dataset = load_rows(source, split, subset, option or "data.train_data")
-        columns = {"problem": hp.problem_column, "solution": hp.solution_column, "answer": hp.answer_column}
-        if val:
-            columns.update(problem=self.validation.problem_column or hp.problem_column, solution=None)
-            columns["answer"] = self.validation.answer_column or hp.answer_column
-        code_format = (self.validation.code_format if val else None) or hp.code_format
-        if code_format and not offline:
-            dataset = code_dataset(dataset, code_format, source)
-            columns = {"problem": "problem", "solution": None if val else "solution", "answer": "answer"}
-        if offline:
-            answer = "answer" if hp.answer_column else None  # rows need answers only where answers are used
-            columns = {"problem": "problem", "solution": "solution", "answer": answer, "y_o": "y_o", "y_r": "y_r"}
-        elif hp.teacher_context != "privileged" and not val:
-            columns["solution"] = None if hp.solution_column not in dataset.column_names else hp.solution_column
-        check_columns(dataset, columns, source)
-        # Validation prompts the student alone: no teacher prompt to build.
-        privileged = self.prompt.privileged_template if hp.teacher_context == "privileged" and not val else None
-        fmt = RowFormat(
-            self.prompt.student_template,
-            privileged,
-            self.prompt.max_prompt_length,
-            self.prompt.max_teacher_prompt_length,
-            self.prompt.use_chat_template,
-            self.prompt.chat_template_kwargs,
-            None if val else self.prompt.teacher_chat_template_kwargs,
-            hp.answer_pattern,
-        )
-        rows = prepare_rows(dataset, columns, self.tokenizer, fmt, f"{source!r} split {split!r}")
+        """Load, check and tokenize one split (``data.prepare.prepare_split``)."""
+        rows = prepare_split(self.hparams, self.prompt, self.validation, self.tokenizer, source, split, offline, val)
         self.longest_prompt = max(self.longest_prompt, longest_prompt(rows))
         return rows
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from trd_lightning.serve.client import ServiceClient
 from trd_lightning.serve.generator import ServedEngine, connect
-from trd_lightning.serve.options import ServiceError, ServiceOptions
+from trd_lightning.serve.options import ServiceError
 
 # What a server that refuses a weight update must be started with.
 _LORA_FIX = (
@@ -85,9 +85,10 @@ class WeightSync:
         return time.perf_counter() - start
 
 
-def connect_student(
-    url: str, options: ServiceOptions, tokenizer, student: str, needed: int, directory: str | None, adapter: str
-) -> tuple[ServedEngine, WeightSync]:
-    """The served student of a run and its weight sync, checked before any weights load (``generator.connect``)."""
-    engine = connect(url, options, tokenizer, student, needed, "data.rollout.url")
-    return engine, WeightSync(engine.client, directory, adapter)
+def connect_student(rollout, tokenizer, student: str, needed: int, world_size: int) -> tuple[ServedEngine, WeightSync]:
+    """The student's engine (``rollout``: the DataModule's ``RolloutOptions``) and its weight sync, checked (up, the
+    same tokenizer, ``needed`` positions: the longest prompt and rollout) before any weights load."""
+    if world_size > 1:
+        raise ValueError("data.rollout.url serves one process's rollouts for now: run on one device, or drop it.")
+    engine = connect(rollout.url, rollout.service, tokenizer, student, needed, "data.rollout.url")
+    return engine, WeightSync(engine.client, rollout.sync_dir, rollout.adapter_name)
