@@ -1,8 +1,8 @@
 """The first code a checked program's fresh interpreter runs: set the limits, give up root, run the script.
 
-The sandbox passes this file's text as ``python -I -B -c <text> <config JSON>``, so nothing of the trainer's process
-is forked or inherited: the limits are set from inside the new interpreter, before the program's first line. Only the
-standard library may be used here.
+The sandbox passes this file's text as ``python -I -B -S -c <text> <config JSON>``, so nothing of the trainer's
+process is forked or inherited: the limits are set from inside the new interpreter, before the program's first line.
+Only the standard library may be used here.
 """
 
 import json
@@ -28,6 +28,14 @@ def _main() -> None:
         os.setgroups([])
         os.setgid(config["uid"])
         os.setuid(config["uid"])
+    # Started with -S: the trainer's site directories, without running their .pth files' import lines (the trainer
+    # worked the path out once); the builtins that site adds (exit, quit, help) are still there.
+    sys.path.extend(config["path"])
+    import site
+
+    site.setquit()
+    site.setcopyright()
+    site.sethelper()
     sys.argv = [config["script"]]
     runpy.run_path(config["script"], run_name="__main__")
 
