@@ -15,11 +15,9 @@ standard library may be used here (the test code may import what it likes).
 """
 
 import builtins
-import importlib
 import json
 import os
 import sys
-import traceback
 import types
 
 if __name__ != "__main__":  # imported (by tests); run in the sandbox, the text of _wire.py comes before this one
@@ -181,6 +179,8 @@ def _stand_in(program, name, info):
         module = info["module"]
         if module.split(".")[0] in sys.stdlib_module_names | {"numpy"}:
             try:
+                import importlib  # here, not at the top: each import costs the judge's start time
+
                 return importlib.import_module(module)
             except ImportError:
                 pass
@@ -199,6 +199,8 @@ def _names(code):
 
 
 def _where(error):
+    import traceback  # only for a failure: importing it costs a passing check about 10 ms
+
     lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == "tests.py"]
     text = " ".join([f"{type(error).__name__}: {error}".strip().rstrip(":"), *getattr(error, "__notes__", ())])
     return f"{text} (tests.py line {lines[-1]})" if lines else text

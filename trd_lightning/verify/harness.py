@@ -186,8 +186,8 @@ def _assert_verdict(judged: Run, ran: Run, token: str) -> Verdict:
     except json.JSONDecodeError:
         outcome = None
     if not isinstance(outcome, dict) or outcome.get("status") not in (PASSED, WRONG_ANSWER, RUNTIME_ERROR):
-        failure = _failure(judged, "tests") if judged.returncode != 0 else None
-        detail = failure.detail if failure is not None else f"tests: exit status {judged.returncode}"
+        errors = judged.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = f"tests: exit status {judged.returncode}" + (f": {errors[-1]}" if errors else "")
         return Verdict(False, RUNTIME_ERROR, f"the judge ended without a verdict ({detail})"[:300])
     if outcome["status"] == PASSED:
         if outcome.get("token") != token or judged.returncode != 0:

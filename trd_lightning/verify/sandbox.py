@@ -24,7 +24,7 @@ trial run through it works, else ``"process"`` with a warning.
 from __future__ import annotations
 
 import functools
-import json
+import marshal
 import math
 import os
 import selectors
@@ -83,7 +83,8 @@ class Run:
         stderr: The head of its stderr.
         timed_out: It ran past its wall-clock deadline.
         output_exceeded: It wrote more than ``Limits.output_bytes``.
-        stopped: The caller's ``watch`` stopped it early.
+        stopped: The caller's ``watch`` stopped it early, or (a later job of :func:`run_together`) it was still
+            running when the first job ended.
     """
 
     returncode: int | None
@@ -203,7 +204,6 @@ def _start(
     job: Job, workdir: str, limits: Limits, seconds: float, isolation: str, drop: bool, processes: int
 ) -> subprocess.Popen:
     config = {
-        "script": os.path.join(workdir, job.script),
         "memory_bytes": limits.memory_bytes,
         "cpu_seconds": math.ceil(seconds),
         "processes": processes,
@@ -211,7 +211,8 @@ def _start(
         "uid": NOBODY if drop else None,
         "path": site_path(),
     }
-    command = [sys.executable, "-I", "-B", "-S", "-c", _LAUNCHER, json.dumps(config)]
+    command = [sys.executable, "-I", "-B", "-S", "-c", _LAUNCHER, marshal.dumps(config).hex()]
+    command.append(os.path.join(workdir, job.script))
     if isolation == "bwrap":
         command = _bwrap_prefix(workdir, drop) + command
     with open(os.path.join(workdir, "stdin.txt"), "rb") as stdin_file:
