@@ -112,6 +112,58 @@ def test_a_program_may_start_threads(isolation):
     assert verifier([source] * 4, [stdio_tests([("20000\n", "20000\n")])] * 4) == [True] * 4
 
 
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_interpreters_run_together_over_a_passed_socket(isolation):
+    # The lead asks, the follower answers through a socket pair; the lead's end ends the run and kills the follower,
+    # which would otherwise sleep for 30 s. Each sees only its own directory.
+    lead_end, follower_end = (end.detach() for end in socket.socketpair())
+    lead = (
+        "import os, socket\ns = socket.socket(fileno=FD)\ns.sendall(b'ping')\nprint(s.recv(4).decode(),"
+        " sorted(os.listdir('.')))\n"
+    ).replace("FD", str(lead_end))
+    follower = (
+        "import socket, time\ns = socket.socket(fileno=FD)\ns.sendall(s.recv(4).replace(b'i', b'o'))\ntime.sleep(30)\n"
+    ).replace("FD", str(follower_end))
+    jobs = [
+        sandbox.Job({"main.py": lead, "a.txt": "a"}, "main.py", pass_fds=(lead_end,)),
+        sandbox.Job({"main.py": follower, "b.txt": "b"}, "main.py", pass_fds=(follower_end,)),
+    ]
+    start = time.monotonic()
+    first, second = sandbox.run_together(jobs, LIMITS, 10.0, isolation)
+    assert time.monotonic() - start < 8
+    assert first.returncode == 0 and first.stdout == b"pong ['a.txt', 'main.py', 'stdin.txt']\n", first
+    assert second.returncode is None and second.stopped  # still sleeping when the lead ended: killed
+    for fd in (lead_end, follower_end):  # handed over: closed here once the jobs started
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert _left_behind() == []
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_a_partner_that_dies_shows_as_the_end_of_its_socket(isolation):
+    lead_end, follower_end = (end.detach() for end in socket.socketpair())
+    lead = f"import socket\ns = socket.socket(fileno={lead_end})\nprint(repr(s.recv(10)))\n"
+    follower = "import os\nos._exit(3)\n"
+    jobs = [
+        sandbox.Job({"main.py": lead}, "main.py", pass_fds=(lead_end,)),
+        sandbox.Job({"main.py": follower}, "main.py", pass_fds=(follower_end,)),
+    ]
+    first, second = sandbox.run_together(jobs, LIMITS, 10.0, isolation)
+    assert first.stdout == b"b''\n" and second.returncode == 3
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_the_interpreter_starts_without_site_hooks_but_with_site_packages(isolation):
+    # -S: the site directories come from the trainer, the .pth files' import lines do not run; exit() still exists.
+    source = (
+        "import sys, numpy\nhooks = [m for m in sys.modules if m.startswith(('__editable__', '_distutils_hack'))]\n"
+        "print(sys.flags.no_site, hooks, callable(exit))\nexit(0)\n"
+    )
+    run = _run(source, isolation)
+    assert run.returncode == 0 and run.stdout == b"1 [] True\n", run
+    assert sandbox.site_path()[0] in __import__("site").getsitepackages()
+
+
 def test_limits_and_isolation_are_validated(monkeypatch):
     with pytest.raises(ValueError, match="Limits.seconds"):
         Limits(seconds=0)

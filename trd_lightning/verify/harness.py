@@ -7,20 +7,27 @@ Process model:
 - call-based: one process calls the function on every case (``Limits.seconds`` each, by an alarm inside, and the sum
   plus the startup time outside); its results are compared in the trainer as they arrive, and the run is stopped at
   the first wrong one. The expected outputs never enter the sandbox.
-- assert-style: one process runs the program, then the test code; the first failing assert ends it. The whole test
-  code gets ``Limits.seconds`` (plus the startup time): raise it for suites of many slow cases.
+- assert-style: two interpreters at once, one deadline (``Limits.seconds`` plus the startup time) for both, the same
+  limits and isolation for each: the program's, which loads ``solution.py`` and answers calls, and the judge's, which
+  runs the test code and never the program's code. Every call the tests make into the program (the entry point, the
+  functions they name, methods of a class such as ``Solution``) crosses a socket between the two as plain data
+  (``_wire.py``), and comes back as fresh builtin objects, so the tests' comparisons are the builtins'. The pass token
+  lives only in the judge, and the verdict is read from the judge's output alone. The whole test code gets one
+  deadline: raise ``Limits.seconds`` for suites of many slow cases.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from trd_lightning.verify.compare import stdout_matches, values_match
 from trd_lightning.verify.reference import Tests
-from trd_lightning.verify.sandbox import Limits, Run, run_python
+from trd_lightning.verify.sandbox import Job, Limits, Run, run_python, run_together
 
 PASSED, WRONG_ANSWER, RUNTIME_ERROR, TIMEOUT, OUTPUT_LIMIT = (
     "passed",
@@ -31,7 +38,9 @@ PASSED, WRONG_ANSWER, RUNTIME_ERROR, TIMEOUT, OUTPUT_LIMIT = (
 )
 _HERE = Path(__file__).parent
 _CALL_DRIVER = (_HERE / "_call_driver.py").read_text()
-_ASSERT_DRIVER = (_HERE / "_assert_driver.py").read_text()
+_WIRE = (_HERE / "_wire.py").read_text()
+_JUDGE_DRIVER = _WIRE + (_HERE / "_judge_driver.py").read_text()
+_PROGRAM_DRIVER = _WIRE + (_HERE / "_program_driver.py").read_text()
 
 
 @dataclass(frozen=True)
@@ -143,12 +152,51 @@ def _call(program: str, tests: Tests, limits: Limits, isolation: str) -> Verdict
 
 def _assert(program: str, tests: Tests, limits: Limits, isolation: str) -> Verdict:
     token = secrets.token_hex(16)
-    spec = {"code": tests.code, "entry_point": tests.entry_point, "token": token}
-    files = {"solution.py": program, "main.py": _ASSERT_DRIVER, "harness.json": json.dumps(spec)}
-    run = run_python(files, "main.py", limits, limits.startup_seconds + limits.seconds, isolation)
-    failure = _failure(run, "tests")
-    if failure is not None:
-        return failure
-    if run.stdout.decode("utf-8", "replace").split()[-1:] != [token]:
-        return Verdict(False, RUNTIME_ERROR, "the tests did not run to their end")
-    return Verdict(True, PASSED)
+    judge_end, program_end = (end.detach() for end in socket.socketpair())  # run_together closes them once passed
+    common = {"max_bytes": limits.output_bytes}
+    judge = Job(
+        {
+            "main.py": _JUDGE_DRIVER,
+            "harness.json": json.dumps(
+                {**common, "fd": judge_end, "token": token, "code": tests.code, "entry_point": tests.entry_point}
+            ),
+        },
+        "main.py",
+        pass_fds=(judge_end,),
+    )
+    solution = Job(
+        {"solution.py": program, "main.py": _PROGRAM_DRIVER, "harness.json": json.dumps({**common, "fd": program_end})},
+        "main.py",
+        pass_fds=(program_end,),
+    )
+    judged, ran = run_together([judge, solution], limits, limits.startup_seconds + limits.seconds, isolation)
+    return _assert_verdict(judged, ran, token)
+
+
+def _assert_verdict(judged: Run, ran: Run, token: str) -> Verdict:
+    """The verdict from the judge's line; the program's own output is never read for it."""
+    for run, who in ((judged, "tests"), (ran, "program")):
+        if run.output_exceeded:
+            return Verdict(False, OUTPUT_LIMIT, f"{who}: more output than the limit")
+    if judged.timed_out or judged.returncode == -signal.SIGXCPU:  # a SIGKILL is told apart: the judge was killed
+        return Verdict(False, TIMEOUT, "tests: out of time")
+    lines = judged.stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        outcome = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        outcome = None
+    if not isinstance(outcome, dict) or outcome.get("status") not in (PASSED, WRONG_ANSWER, RUNTIME_ERROR):
+        errors = judged.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = f"tests: exit status {judged.returncode}" + (f": {errors[-1]}" if errors else "")
+        return Verdict(False, RUNTIME_ERROR, f"the judge ended without a verdict ({detail})"[:300])
+    if outcome["status"] == PASSED:
+        if outcome.get("token") != token or judged.returncode != 0:
+            return Verdict(False, RUNTIME_ERROR, "the judge's verdict does not carry its token")
+        return Verdict(True, PASSED)
+    detail = str(outcome.get("detail", ""))
+    if outcome.get("program_ended"):  # say how the program ended: its exit status, its last error line
+        if ran.out_of_time:
+            return Verdict(False, TIMEOUT, f"program: out of time ({detail})"[:300])
+        errors = ran.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail += f": exit status {ran.returncode}" + (f": {errors[-1]}" if errors else "")
+    return Verdict(False, outcome["status"], f"tests: {detail}"[:300])

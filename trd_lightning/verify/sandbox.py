@@ -24,18 +24,19 @@ trial run through it works, else ``"process"`` with a warning.
 from __future__ import annotations
 
 import functools
-import json
+import marshal
 import math
 import os
 import selectors
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,8 @@ class Run:
         stderr: The head of its stderr.
         timed_out: It ran past its wall-clock deadline.
         output_exceeded: It wrote more than ``Limits.output_bytes``.
-        stopped: The caller's ``watch`` stopped it early.
+        stopped: The caller's ``watch`` stopped it early, or (a later job of :func:`run_together`) it was still
+            running when the first job ended.
     """
 
     returncode: int | None
@@ -96,6 +98,24 @@ class Run:
     def out_of_time(self) -> bool:
         """Killed by the wall-clock deadline or the CPU limit (SIGXCPU, then SIGKILL at the hard limit)."""
         return self.timed_out or self.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One interpreter of a run.
+
+    Attributes:
+        files: File name to text, written into its own working directory.
+        script: The file to run as ``__main__``.
+        stdin: Text on its stdin (a file, so a program that never reads it cannot block the writer); None: empty.
+        pass_fds: Descriptors it inherits under the same numbers (a socket to another job); handed over: the run
+            closes them in this process once its jobs have started.
+    """
+
+    files: Mapping[str, str]
+    script: str
+    stdin: str | None = None
+    pass_fds: tuple[int, ...] = ()
 
 
 def run_python(
@@ -121,40 +141,124 @@ def run_python(
         watch: Called with all stdout so far after each chunk read; returning False kills the program (early exit
             on a first wrong answer).
     """
+    return run_together([Job(files, script, stdin)], limits, seconds, isolation, watch)[0]
+
+
+def run_together(
+    jobs: Sequence[Job],
+    limits: Limits,
+    seconds: float,
+    isolation: str,
+    watch: Callable[[bytes], bool] | None = None,
+) -> list[Run]:
+    """Run several fresh sandboxed interpreters at once, each with ``limits`` and its own directory, under one
+    deadline; the run ends when the first job's interpreter has ended, and then every other one is killed too.
+
+    Args:
+        jobs: The interpreters; the first leads (its end, or ``watch``, ends them all).
+        limits: Resources of each interpreter (the output cap too is each one's).
+        seconds: Wall-clock deadline of them all together.
+        isolation: ``"bwrap"`` or ``"process"``, the same for every job.
+        watch: Called with the first job's stdout so far after each chunk read; returning False ends the run.
+
+    Returns:
+        One :class:`Run` per job; a job still running when the run ended has ``returncode`` None and ``stopped``.
+    """
     if isolation not in ("bwrap", "process"):
         raise ValueError(f"isolation must be 'bwrap' or 'process' here, got {isolation!r}")
     drop = isolation == "bwrap" and os.getuid() == 0
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+    # Each job's allowance counts the tasks its uid already runs, and its partners' interpreters.
+    processes = limits.processes + (_shared_tasks(isolation, drop) + len(jobs) - 1 if _counted(isolation, drop) else 0)
+    workdirs: list[str] = []
+    started: list[subprocess.Popen] = []
     try:
-        for name, text in {**files, "stdin.txt": stdin or ""}.items():
-            Path(workdir, name).write_text(text, encoding="utf-8")
-        if drop:  # the program runs as nobody and needs its directory
-            for path in (workdir, *(os.path.join(workdir, name) for name in os.listdir(workdir))):
-                os.chown(path, NOBODY, NOBODY)
-        config = {
-            "script": os.path.join(workdir, script),
-            "memory_bytes": limits.memory_bytes,
-            "cpu_seconds": math.ceil(seconds),
-            "processes": limits.processes + _shared_tasks(isolation, drop),
-            "file_bytes": limits.file_bytes,
-            "uid": NOBODY if drop else None,
-        }
-        command = [sys.executable, "-I", "-B", "-c", _LAUNCHER, json.dumps(config)]
-        if isolation == "bwrap":
-            command = _bwrap_prefix(workdir, drop) + command
-        with open(os.path.join(workdir, "stdin.txt"), "rb") as stdin_file:
-            process = subprocess.Popen(
-                command,
-                stdin=stdin_file,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env=_environment(workdir),
-                start_new_session=True,
-            )
-        return _collect(process, time.monotonic() + seconds, limits.output_bytes, watch)
+        try:
+            for job in jobs:
+                workdirs.append(_workdir(job, drop))
+                started.append(_start(job, workdirs[-1], limits, seconds, isolation, drop, processes))
+        except BaseException:  # a later job did not start: end the earlier ones
+            for process in started:
+                _kill(process)
+            raise
+        finally:  # the descriptors now belong to the jobs: a job's end then shows as end of file on the other side
+            for job in jobs:
+                for fd in job.pass_fds:
+                    os.close(fd)
+        return _collect(started, time.monotonic() + seconds, limits.output_bytes, watch)
     finally:
-        _remove(workdir)
+        for workdir in workdirs:
+            _remove(workdir)
+
+
+def _workdir(job: Job, drop: bool) -> str:
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+    for name, text in {**job.files, "stdin.txt": job.stdin or ""}.items():
+        Path(workdir, name).write_text(text, encoding="utf-8")
+    if drop:  # the program runs as nobody and needs its directory
+        for path in (workdir, *(os.path.join(workdir, name) for name in os.listdir(workdir))):
+            os.chown(path, NOBODY, NOBODY)
+    return workdir
+
+
+def _start(
+    job: Job, workdir: str, limits: Limits, seconds: float, isolation: str, drop: bool, processes: int
+) -> subprocess.Popen:
+    config = {
+        "memory_bytes": limits.memory_bytes,
+        "cpu_seconds": math.ceil(seconds),
+        "processes": processes,
+        "file_bytes": limits.file_bytes,
+        "uid": NOBODY if drop else None,
+        "path": site_path(),
+    }
+    command = [sys.executable, "-I", "-B", "-S", "-c", _LAUNCHER, marshal.dumps(config).hex()]
+    command.append(os.path.join(workdir, job.script))
+    if isolation == "bwrap":
+        command = _bwrap_prefix(workdir, drop) + command
+    with open(os.path.join(workdir, "stdin.txt"), "rb") as stdin_file:
+        return subprocess.Popen(
+            command,
+            stdin=stdin_file,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workdir,
+            env=_environment(workdir),
+            start_new_session=True,
+            pass_fds=job.pass_fds,
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def site_path() -> list[str]:
+    """The site directories a sandboxed interpreter adds to its path, worked out once here: the trainer's
+    site-packages and the directories their ``.pth`` files name. Their ``import`` lines (editable-install finders,
+    setuptools' distutils shim, certificate hooks) are not run: they cost tens of milliseconds per interpreter and
+    run third-party code before the program's first line."""
+    paths: list[str] = []
+    for directory in site.getsitepackages():
+        if not os.path.isdir(directory):
+            continue
+        paths.append(directory)
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith(".pth") or name.startswith("."):
+                continue
+            try:
+                lines = Path(directory, name).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError):
+                continue
+            for line in lines:
+                line = line.rstrip()
+                if not line or line.startswith(("#", "import ", "import\t")):
+                    continue
+                full = os.path.realpath(os.path.join(directory, line))
+                if os.path.isdir(full) and full not in paths:
+                    paths.append(full)
+    return paths
+
+
+def _counted(isolation: str, drop: bool) -> bool:
+    """Whether the kernel counts other tasks against a job's process limit (see :func:`_shared_tasks`)."""
+    return not (isolation == "bwrap" and not drop or isolation == "process" and os.getuid() == 0)
 
 
 def _shared_tasks(isolation: str, drop: bool) -> int:
@@ -165,7 +269,7 @@ def _shared_tasks(isolation: str, drop: bool) -> int:
     the program gets its allowance on top of what its uid already runs (the trainer's user, or nobody: all of a root
     trainer's sandboxes at once).
     """
-    if isolation == "bwrap" and not drop or isolation == "process" and os.getuid() == 0:
+    if not _counted(isolation, drop):
         return 0
     uid, count = NOBODY if drop else os.getuid(), 0
     for entry in os.scandir("/proc"):
@@ -191,60 +295,83 @@ def _environment(workdir: str) -> dict[str, str]:
     }
 
 
-def _collect(process: subprocess.Popen, deadline: float, cap: int, watch: Callable[[bytes], bool] | None) -> Run:
-    stdout, stderr, total = bytearray(), bytearray(), 0
-    timed_out = exceeded = stopped = False
+def _collect(
+    processes: list[subprocess.Popen], deadline: float, cap: int, watch: Callable[[bytes], bool] | None
+) -> list[Run]:
+    """Read every process's pipes until the first process has ended (or the deadline, the output cap or ``watch``
+    ends the run), then kill them all."""
+    lead = processes[0]
+    stdout = {p.pid: bytearray() for p in processes}
+    stderr = {p.pid: bytearray() for p in processes}
+    total = dict.fromkeys(stdout, 0)
+    exceeded: set[int] = set()
+    timed_out = stopped = False
     try:
         with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            selector.register(process.stderr, selectors.EVENT_READ)
-            while selector.get_map() and not (timed_out or exceeded or stopped):
+            for process in processes:
+                selector.register(process.stdout, selectors.EVENT_READ, (process.pid, True))
+                selector.register(process.stderr, selectors.EVENT_READ, (process.pid, False))
+            lead_pipes = {lead.stdout, lead.stderr}
+            while lead_pipes and not (timed_out or exceeded or stopped):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     timed_out = True
                     break
                 events = selector.select(min(remaining, 0.1))
-                if not events and process.poll() is not None:
+                if not events and lead.poll() is not None:
                     break  # it exited, and what it wrote is read: a child it left holds the pipes open
                 for key, _ in events:
+                    pid, is_stdout = key.data
                     chunk = os.read(key.fd, 1 << 16)
                     if not chunk:
                         selector.unregister(key.fileobj)
+                        lead_pipes.discard(key.fileobj)
                         continue
-                    total += len(chunk)
-                    if total > cap:
-                        exceeded = True
+                    total[pid] += len(chunk)
+                    if total[pid] > cap:
+                        exceeded.add(pid)
                         break
-                    if key.fileobj is process.stdout:
-                        stdout += chunk
-                        if watch is not None and not watch(bytes(stdout)):
+                    if is_stdout:
+                        stdout[pid] += chunk
+                        if pid == lead.pid and watch is not None and not watch(bytes(stdout[pid])):
                             stopped = True
                             break
                     else:
-                        stderr += chunk[: max(0, _STDERR_KEPT - len(stderr))]
-        if not (timed_out or exceeded or stopped):  # both pipes closed: wait for the exit, still within the deadline
+                        stderr[pid] += chunk[: max(0, _STDERR_KEPT - len(stderr[pid]))]
+        if not (timed_out or exceeded or stopped):  # its pipes closed: wait for its exit, still within the deadline
             try:
-                process.wait(max(0.0, deadline - time.monotonic()))
+                lead.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 timed_out = True
+        ended = [process.poll() is not None for process in processes]
     finally:  # also on an error or Ctrl-C: nothing outlives the run
-        # Children the program left behind share its process group (under bwrap, killing bwrap ends them all).
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        process.wait()
-        process.stdout.close()
-        process.stderr.close()
-    killed = timed_out or exceeded or stopped
-    return Run(
-        None if killed else process.returncode,
-        bytes(stdout),
-        bytes(stderr),
-        timed_out=timed_out,
-        output_exceeded=exceeded,
-        stopped=stopped,
-    )
+        for process in processes:
+            _kill(process)
+    runs = []
+    for index, process in enumerate(processes):
+        killed = timed_out or process.pid in exceeded or stopped or (index > 0 and not ended[index])
+        runs.append(
+            Run(
+                None if killed else process.returncode,
+                bytes(stdout[process.pid]),
+                bytes(stderr[process.pid]),
+                timed_out=timed_out,
+                output_exceeded=process.pid in exceeded,
+                stopped=stopped or (index > 0 and not ended[index]),
+            )
+        )
+    return runs
+
+
+def _kill(process: subprocess.Popen) -> None:
+    # Children the program left behind share its process group (under bwrap, killing bwrap ends them all).
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+    process.stdout.close()
+    process.stderr.close()
 
 
 def _remove(workdir: str) -> None:
