@@ -100,9 +100,8 @@ class DistillationModule(L.LightningModule):
         max_grad_norm: gradient clipping by global norm; None turns it off.
         gradient_checkpointing: recompute the student's activations in backward to save memory.
         trust_remote_code: allow models with custom code from the hub.
-        teacher_url: the address of a served teacher (``trd serve``, or vLLM: see the README); its top-k scores
-            replace an in-process teacher, whose weights are then not loaded (``loss: topk`` or ``sampled_token``,
-            ``loss_temperature: 1``). TRD-OPD then refines with the service too (``data.refine.url``).
+        teacher_url: a served teacher (``trd serve`` or vLLM; README): its top-k scores replace an in-process one,
+            never loaded (``loss: topk`` or ``sampled_token``, ``loss_temperature: 1``; TRD-OPD: ``data.refine.url``).
         teacher_service: timeout, retries, backoff and concurrency of the served teacher's requests.
     """
 
@@ -147,8 +146,7 @@ class DistillationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # The groups may also be plain dicts of their settings (from Python; LightningCLI builds the dataclasses).
-        lora = None if lora is None else as_group(LoraOptions, lora, "model.lora")
+        lora = None if lora is None else as_group(LoraOptions, lora, "model.lora")  # or plain dicts, from Python
         teacher_service = as_group(ServiceOptions, teacher_service, "model.teacher_service")
         check_module_options(self.hparams)
         check_url(teacher_url, "model.teacher_url")
@@ -162,10 +160,9 @@ class DistillationModule(L.LightningModule):
             loss_implementation, loss_fused, loss_chunk_size, loss_chunk_mib, loss_ratio_clip,
         )  # fmt: skip
         self.objective = Objective(spec, token_clip, topd, topd_threshold, topd_window, topd_discount)
-        self.lora_options = lora  # typed: under LightningCLI ``hparams.lora`` is the config's plain dict
-        self.teacher_service = teacher_service
+        self.lora_options, self.teacher_service = lora, teacher_service  # typed: LightningCLI's hparams hold dicts
         self.automatic_optimization = False
-        self.student: torch.nn.Module | None = None
+        self.student: torch.nn.Module | None = None  # both loaded in configure_model
         self.teacher: torch.nn.Module | None = None
         self.served_teacher = None  # connected in setup when model.teacher_url is set
         self.val_metrics = EvalMetrics("val", 1)  # k is the DataModule's validation.samples, known in setup
@@ -245,10 +242,9 @@ class DistillationModule(L.LightningModule):
     # -------------------------------------------------------------- training
     def on_train_batch_start(self, batch: PromptBatch, batch_idx: int) -> None:
         batch.produced = self.trainer.datamodule.produce(batch, self.rollout_models(), self._step_info())
-        stats = batch.produced.stats
-        self._produce_seconds = stats["perf/produce_seconds"]
+        self._produce_seconds = batch.produced.stats["perf/produce_seconds"]
         if self._logger_writes():
-            self.log_dict(stats, batch_size=len(batch.produced.train))
+            self.log_dict(batch.produced.stats, batch_size=len(batch.produced.train))
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
         start = time.perf_counter()
